@@ -1,0 +1,1 @@
+"""Backends of the streamed-LSE primitive: reference (dense torch), cpu (compiled C++), triton (GPU)."""
