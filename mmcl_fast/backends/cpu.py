@@ -1,1 +1,78 @@
-"""The compiled C++ CPU kernel (mmcl_fast._C) behind the primitive's `cpu` backend. Placeholder until built."""
+"""The `cpu` backend: the compiled C++ kernel (`mmcl_fast._C`, csrc/lse.h) behind the streamed-LSE primitive.
+
+Forward: one sweep over MC x NC tiles gives row and column LSE (1 N*M*D GEMM-equivalent). Backward: one
+recompute sweep gives dX, dY, dscale, drow_bias, dcol_bias (3 GEMM-equivalents). Memory: O((N + M) * D) fp32
+gradient accumulators plus per-thread tiles; never N x M. bf16/fp16 features are read as they are (converted
+to fp32 one tile at a time), all accumulation is fp32. Threads: `torch.get_num_threads()`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+try:
+    from .. import _C
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    _C = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def isa() -> str:
+    """The ISA build of the kernel in use ('avx512' or 'scalar')."""
+    return _module().isa()
+
+
+def set_isa(name: str) -> str:
+    """Force an ISA build ('auto', 'avx512', 'scalar'); returns the one now in use."""
+    return _module().set_isa(name)
+
+
+def _module():
+    if _C is None:
+        raise RuntimeError(f"the compiled CPU core mmcl_fast._C failed to import ({_IMPORT_ERROR}); reinstall "
+                           "mmcl_fast with `pip install -e .` or use backend='reference'")
+    return _C
+
+
+def _problem_args(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor):
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"the CPU kernel supports float32/bfloat16/float16, got {x.dtype}")
+    for t, name in ((scale, "scale"), (row_bias, "row_bias"), (col_bias, "col_bias")):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 vector, got {t.dtype}")
+    return (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), _DTYPE_CODES[x.dtype], x.shape[0], y.shape[0],
+            x.shape[1], scale.data_ptr(), row_bias.data_ptr(), col_bias.data_ptr())
+
+
+def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
+    row_lse = torch.empty(x.shape[0] if need_row else 0, dtype=torch.float32)
+    col_lse = torch.empty(y.shape[0] if need_col else 0, dtype=torch.float32)
+    _module().lse_forward(*_problem_args(x, y, scale, row_bias, col_bias),
+                          row_lse.data_ptr() if need_row else 0, col_lse.data_ptr() if need_col else 0,
+                          torch.get_num_threads())
+    return row_lse, col_lse
+
+
+def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col):
+    need_row, need_col = row_lse.numel() > 0, col_lse.numel() > 0
+    grad_row = grad_row.to(torch.float32).contiguous()
+    grad_col = grad_col.to(torch.float32).contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype)
+    dy = torch.empty(y.shape, dtype=y.dtype)
+    dscale = torch.empty_like(scale)
+    drow = torch.empty_like(row_bias)
+    dcol = torch.empty_like(col_bias)
+    _module().lse_backward(*_problem_args(x, y, scale, row_bias, col_bias),
+                           row_lse.data_ptr() if need_row else 0, col_lse.data_ptr() if need_col else 0,
+                           grad_row.data_ptr() if need_row else 0, grad_col.data_ptr() if need_col else 0,
+                           dx.data_ptr(), dy.data_ptr(), dscale.data_ptr(), drow.data_ptr(), dcol.data_ptr(),
+                           torch.get_num_threads())
+    return dx, dy, dscale, drow, dcol

@@ -1,0 +1,387 @@
+// Fused streamed log-sum-exp over an affine similarity, forward and backward (SPEC §1), CPU.
+//
+//   L_ij = scale_i * <x_i, y_j> + row_bias_i + col_bias_j
+//   forward:  row_lse_i = log sum_j exp(L_ij),  col_lse_j = log sum_i exp(L_ij)       (one sweep over tiles)
+//   backward: G_ij = grow_i exp(L_ij - row_lse_i) + gcol_j exp(L_ij - col_lse_j)
+//             dx_i = scale_i sum_j G_ij y_j,  dy_j = sum_i G_ij scale_i x_i,
+//             dscale_i = sum_j G_ij <x_i,y_j>,  drow_i = sum_j G_ij,  dcol_j = sum_i G_ij  (one recompute sweep)
+//
+// GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 forward; 3 backward: recompute S, G.Y, G^T.X),
+// against Inf-CL's 10 for the symmetric loss.
+// Memory: O((N + M) * D) for the fp32 gradient accumulators plus per-thread tiles (MC x NC similarity tile,
+// MC x D and NC x D fp32 copies of the current row/column blocks). Nothing N x M is ever allocated.
+//
+// Tiling: rows are cut into blocks of MC, columns into blocks of NC. A tile S = X_I Y_J^T (MC x NC, fp32) is made
+// by a register-blocked micro-kernel (MR x NR accumulators) and consumed (online max / sum-exp, gradient
+// weights) while it sits in L2, then dropped. bf16/fp16 inputs are converted to fp32 one tile at a time; all
+// arithmetic and every accumulation is fp32.
+//
+// Threads and determinism: rows and columns are each split into T groups. In step s (of T), thread t works on
+// row group t x column group (t + s) mod T, so every row state and every column state has exactly one writer per
+// step, no atomics and no per-thread copies of dY are needed, and the accumulation order is fixed for a given T:
+// results are bit-identical run to run.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "dispatch.h"
+#include "half.h"
+
+// Each ISA build compiles this header into its own namespace (MMCL_ISA), so that no inline function compiled
+// with AVX-512 flags can be merged by the linker into the portable build.
+#ifndef MMCL_ISA
+#error "define MMCL_ISA (the ISA namespace) before including lse.h"
+#endif
+
+namespace mmcl {
+namespace MMCL_ISA {
+
+constexpr int MR = 6;         // micro-kernel rows
+constexpr int NRV = 4;        // micro-kernel width in vectors of 16 lanes
+constexpr int NR = 16 * NRV;  // 64 columns
+constexpr int MC = 96;        // row block (multiple of MR)
+constexpr int NC = 192;       // column block (multiple of NR and of MR: it is the row dim of the dY GEMM)
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Copy rows [r0, r0 + rows) of a (·, d) matrix of `dtype` into a zero-padded fp32 buffer (rows_pad x dp).
+template <class V>
+inline void load_rows_f32(const void* src, int64_t rs, int dtype, int64_t r0, int64_t rows, int64_t rows_pad,
+                          int64_t d, int64_t dp, float* dst) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float* out = dst + r * dp;
+        const int64_t row = r0 + r;
+        if (dtype == kF32) {
+            std::memcpy(out, static_cast<const float*>(src) + row * rs, sizeof(float) * d);
+        } else {
+            const uint16_t* in = static_cast<const uint16_t*>(src) + row * rs;
+            int64_t k = 0;
+            for (; k + 16 <= d; k += 16) {
+                if (dtype == kBF16) V::bf16_to_f32(in + k, out + k); else V::f16_to_f32(in + k, out + k);
+            }
+            for (; k < d; ++k) out[k] = dtype == kBF16 ? bf16_bits_to_float(in[k]) : f16_bits_to_float(in[k]);
+        }
+        std::fill(out + d, out + dp, 0.0f);
+    }
+    for (int64_t r = rows; r < rows_pad; ++r) std::fill(dst + r * dp, dst + (r + 1) * dp, 0.0f);
+}
+
+// C[r, 0:NR] (+)= sum_k A(r, k) * B[k, 0:NR] for r < MR, with A(r, k) = a[r * a_rs + k * a_ks] and B rows
+// NR-contiguous at stride b_ks. The accumulators stay in registers for the whole k loop.
+template <class V>
+inline void micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
+                         float* c, int64_t c_rs, bool accumulate) {
+    using T = typename V::type;
+    T acc[MR][NRV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) acc[r][v] = accumulate ? V::load(c + r * c_rs + 16 * v) : V::zero();
+    for (int64_t k = 0; k < kc; ++k) {
+        T bv[NRV];
+        for (int v = 0; v < NRV; ++v) bv[v] = V::load(b + k * b_ks + 16 * v);
+        const float* ak = a + k * a_ks;
+        for (int r = 0; r < MR; ++r) {
+            const T av = V::set1(ak[r * a_rs]);
+            for (int v = 0; v < NRV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) V::store(c + r * c_rs + 16 * v, acc[r][v]);
+}
+
+// Per-thread scratch: the current row block and column block in fp32, the column block transposed into
+// NR-wide panels for the similarity GEMM, and the similarity / gradient-weight tile.
+struct Scratch {
+    std::vector<float> x_blk;    // MC x dp
+    std::vector<float> y_blk;    // NC x dp
+    std::vector<float> y_pack;   // (NC / NR) panels of d x NR
+    std::vector<float> tile;     // MC x NC
+    std::vector<float> col_bias; // NC (padding: -inf, so padded columns never count)
+    std::vector<float> col_aux;  // NC (per-column scratch: tile max, gradient weights)
+    std::vector<float> col_aux2; // NC
+    Scratch(int64_t d, int64_t dp)
+        : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
+          col_aux(NC), col_aux2(NC) {}
+};
+
+template <class V>
+struct Kernel {
+    using T = typename V::type;
+
+    const Problem& p;
+    int64_t dp;                          // d padded to NR
+    int threads;
+    std::vector<int64_t> row_groups;     // block-aligned boundaries, size threads + 1
+    std::vector<int64_t> col_groups;
+
+    Kernel(const Problem& prob, int nthreads) : p(prob), dp(round_up(prob.d, NR)) {
+        const int64_t row_blocks = (p.n + MC - 1) / MC, col_blocks = (p.m + NC - 1) / NC;
+        threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max(row_blocks, col_blocks))));
+        row_groups = split(row_blocks, MC, p.n);
+        col_groups = split(col_blocks, NC, p.m);
+    }
+
+    std::vector<int64_t> split(int64_t blocks, int64_t block, int64_t total) const {
+        std::vector<int64_t> bounds(threads + 1);
+        for (int t = 0; t <= threads; ++t) bounds[t] = std::min(total, (blocks * t / threads) * block);
+        bounds[threads] = total;
+        return bounds;
+    }
+
+    // Load column block [j0, j0 + nc): fp32 rows (for the gradient GEMMs), NR-wide transposed panels (for the
+    // similarity GEMM) and the block's column biases (-inf past the end).
+    void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_rows) const {
+        load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0, nc, NC, p.d, dp, s.y_blk.data());
+        const int64_t panels = round_up(nc, NR) / NR;
+        for (int64_t q = 0; q < panels; ++q) {
+            float* panel = s.y_pack.data() + q * p.d * NR;
+            for (int64_t c = 0; c < NR; ++c) {
+                const float* row = s.y_blk.data() + (q * NR + c) * dp;
+                for (int64_t k = 0; k < p.d; ++k) panel[k * NR + c] = row[k];
+            }
+        }
+        for (int64_t c = 0; c < NC; ++c)
+            s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
+        (void)need_rows;
+    }
+
+    // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
+    void similarity_tile(Scratch& s, int64_t mc, int64_t nc) const {
+        const int64_t mpad = round_up(mc, MR), npad = round_up(nc, NR);
+        for (int64_t q = 0; q < npad / NR; ++q) {
+            const float* panel = s.y_pack.data() + q * p.d * NR;
+            for (int64_t i = 0; i < mpad; i += MR)
+                micro_kernel<V>(p.d, s.x_blk.data() + i * dp, dp, 1, panel, NR, s.tile.data() + i * NC + q * NR, NC,
+                                false);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // forward
+    // ---------------------------------------------------------------------------------------------------------
+    void forward(float* row_lse, float* col_lse) const {
+        const bool need_row = row_lse != nullptr, need_col = col_lse != nullptr;
+        const float ninf = -std::numeric_limits<float>::infinity();
+        const int64_t mpad_total = round_up(p.m, NC);
+        std::vector<float> row_max(p.n, ninf), row_sum(p.n, 0.0f);
+        std::vector<float> col_max(mpad_total, ninf), col_sum(mpad_total, 0.0f);
+
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num();
+#else
+            const int t = 0;
+#endif
+            Scratch s(p.d, dp);
+            for (int step = 0; step < threads; ++step) {
+                const int cg = (t + step) % threads;
+                for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
+                    const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
+                    load_col_block(s, j0, nc, false);
+                    for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
+                        const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
+                        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+                        similarity_tile(s, mc, nc);
+                        forward_tile(s, i0, mc, j0, nc, need_row, need_col, row_max.data() + i0, row_sum.data() + i0,
+                                     col_max.data() + j0, col_sum.data() + j0);
+                    }
+                }
+#pragma omp barrier
+            }
+        }
+        if (need_row)
+            for (int64_t i = 0; i < p.n; ++i) row_lse[i] = row_max[i] + std::log(row_sum[i]);
+        if (need_col)
+            for (int64_t j = 0; j < p.m; ++j) col_lse[j] = col_max[j] + std::log(col_sum[j]);
+    }
+
+    // Online LSE update with one tile: pass 1 turns similarities into logits and finds row and column maxima,
+    // pass 2 adds exp(L - running max) to the row and column sums (rescaling the old sums once per tile).
+    void forward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, bool need_row, bool need_col,
+                      float* rmax, float* rsum, float* cmax, float* csum) const {
+        const int64_t nv = round_up(nc, 16) / 16;
+        const float ninf = -std::numeric_limits<float>::infinity();
+        float* tile_cmax = s.col_aux.data();
+        float* col_acc = s.col_aux2.data();
+        std::fill(tile_cmax, tile_cmax + NC, ninf);
+        std::vector<float>& cb = s.col_bias;
+        for (int64_t i = 0; i < mc; ++i) {
+            const T a = V::set1(p.scale[i0 + i]), r = V::set1(p.row_bias[i0 + i]);
+            float* row = s.tile.data() + i * NC;
+            T vmax = V::set1(ninf);
+            for (int64_t v = 0; v < nv; ++v) {
+                const T logit = V::add(V::fma(a, V::load(row + 16 * v), r), V::load(cb.data() + 16 * v));
+                V::store(row + 16 * v, logit);
+                vmax = V::max(vmax, logit);
+                V::store(tile_cmax + 16 * v, V::max(V::load(tile_cmax + 16 * v), logit));
+            }
+            if (need_row) {
+                const float m_old = rmax[i];
+                const float m_new = std::max(m_old, V::reduce_max(vmax));
+                rsum[i] *= std::exp(m_old - m_new);
+                rmax[i] = m_new;
+            }
+        }
+        if (need_col) {
+            for (int64_t v = 0; v < nv; ++v) {
+                const T m_old = V::load(cmax + 16 * v);
+                const T m_new = V::max(m_old, V::load(tile_cmax + 16 * v));
+                V::store(csum + 16 * v, V::mul(V::load(csum + 16 * v), V::exp(V::sub(m_old, m_new))));
+                V::store(cmax + 16 * v, m_new);
+                V::store(col_acc + 16 * v, V::zero());
+            }
+        }
+        for (int64_t i = 0; i < mc; ++i) {
+            const float* row = s.tile.data() + i * NC;
+            const T rm = V::set1(rmax[i]);
+            T racc = V::zero();
+            for (int64_t v = 0; v < nv; ++v) {
+                const T logit = V::load(row + 16 * v);
+                if (need_row) racc = V::add(racc, V::exp(V::sub(logit, rm)));
+                if (need_col)
+                    V::store(col_acc + 16 * v,
+                             V::add(V::load(col_acc + 16 * v), V::exp(V::sub(logit, V::load(cmax + 16 * v)))));
+            }
+            if (need_row) rsum[i] += V::reduce_add(racc);
+        }
+        if (need_col)
+            for (int64_t v = 0; v < nv; ++v)
+                V::store(csum + 16 * v, V::add(V::load(csum + 16 * v), V::load(col_acc + 16 * v)));
+        (void)j0;
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // backward
+    // ---------------------------------------------------------------------------------------------------------
+    // dx / dy: fp32 accumulators, (round_up(n, MC) x dp) and (round_up(m, NC) x dp), zero-initialised here.
+    void backward(const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
+                  float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol) const {
+        const bool use_row = row_lse != nullptr, use_col = col_lse != nullptr;
+        const int64_t mpad_total = round_up(p.m, NC);
+        // Column-side vectors padded to whole blocks; padded columns have zero gradient weight.
+        std::vector<float> lse_c(mpad_total, 0.0f), g_c(mpad_total, 0.0f), dcol_acc(mpad_total, 0.0f);
+        if (use_col)
+            for (int64_t j = 0; j < p.m; ++j) { lse_c[j] = col_lse[j]; g_c[j] = grad_col[j]; }
+        std::fill(dx_acc, dx_acc + round_up(p.n, MC) * dp, 0.0f);
+        std::fill(dy_acc, dy_acc + mpad_total * dp, 0.0f);
+        for (int64_t i = 0; i < p.n; ++i) { dscale[i] = 0.0f; drow[i] = 0.0f; }
+
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num();
+#else
+            const int t = 0;
+#endif
+            Scratch s(p.d, dp);
+            for (int step = 0; step < threads; ++step) {
+                const int cg = (t + step) % threads;
+                for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
+                    const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
+                    load_col_block(s, j0, nc, true);
+                    for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
+                        const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
+                        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+                        similarity_tile(s, mc, nc);
+                        backward_tile(s, i0, mc, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
+                                      lse_c.data() + j0, g_c.data() + j0, use_col, dscale, drow,
+                                      dcol_acc.data() + j0);
+                        gradient_gemms(s, i0, mc, j0, nc, dx_acc, dy_acc);
+                    }
+                }
+#pragma omp barrier
+            }
+        }
+        for (int64_t j = 0; j < p.m; ++j) dcol[j] = dcol_acc[j];
+    }
+
+    // Turn the similarity tile into scaled gradient weights G'_ij = scale_i * G_ij (in place), accumulating
+    // dscale_i += sum_j G_ij s_ij, drow_i += sum_j G_ij and dcol_j += sum_i G_ij on the way.
+    void backward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t nc, const float* row_lse, const float* grad_row,
+                       const float* lse_c, const float* g_c, bool use_col, float* dscale, float* drow,
+                       float* dcol) const {
+        const int64_t nv = round_up(nc, 16) / 16;
+        float* dcol_tile = s.col_aux.data();
+        std::fill(dcol_tile, dcol_tile + NC, 0.0f);
+        const float* cb = s.col_bias.data();
+        for (int64_t i = 0; i < mc; ++i) {
+            const float a_s = p.scale[i0 + i];
+            const T a = V::set1(a_s), r = V::set1(p.row_bias[i0 + i]);
+            const bool use_row = row_lse != nullptr;
+            const T lr = V::set1(use_row ? row_lse[i0 + i] : 0.0f);
+            const T gr = V::set1(use_row ? grad_row[i0 + i] : 0.0f);
+            float* row = s.tile.data() + i * NC;
+            T da = V::zero(), dr = V::zero();
+            for (int64_t v = 0; v < nv; ++v) {
+                const T sim = V::load(row + 16 * v);
+                const T logit = V::add(V::fma(a, sim, r), V::load(cb + 16 * v));
+                T g = V::zero();
+                if (use_row) g = V::mul(gr, V::exp(V::sub(logit, lr)));
+                if (use_col) g = V::fma(V::load(g_c + 16 * v), V::exp(V::sub(logit, V::load(lse_c + 16 * v))), g);
+                da = V::fma(g, sim, da);
+                dr = V::add(dr, g);
+                V::store(dcol_tile + 16 * v, V::add(V::load(dcol_tile + 16 * v), g));
+                V::store(row + 16 * v, V::mul(a, g));
+            }
+            dscale[i0 + i] += V::reduce_add(da);
+            drow[i0 + i] += V::reduce_add(dr);
+        }
+        for (int64_t v = 0; v < nv; ++v)
+            V::store(dcol + 16 * v, V::add(V::load(dcol + 16 * v), V::load(dcol_tile + 16 * v)));
+    }
+
+    // dX_I += G' Y_J (k over the tile's columns) and dY_J += G'^T X_I (k over the tile's rows).
+    void gradient_gemms(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, float* dx_acc,
+                        float* dy_acc) const {
+        const int64_t mpad = round_up(mc, MR), npad = round_up(nc, MR);
+        if (mc < mpad)  // padded tile rows must not feed dY
+            std::fill(s.tile.data() + mc * NC, s.tile.data() + mpad * NC, 0.0f);
+        for (int64_t d0 = 0; d0 < dp; d0 += NR) {
+            for (int64_t i = 0; i < mpad; i += MR)
+                micro_kernel<V>(nc, s.tile.data() + i * NC, NC, 1, s.y_blk.data() + d0, dp,
+                                dx_acc + (i0 + i) * dp + d0, dp, true);
+            for (int64_t j = 0; j < npad; j += MR)
+                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_blk.data() + d0, dp,
+                                dy_acc + (j0 + j) * dp + d0, dp, true);
+        }
+    }
+};
+
+// Round the fp32 accumulators (rows x dp) into the caller's (rows x d) output of `dtype`.
+inline void store_rows(const float* acc, int64_t rows, int64_t d, int64_t dp, int dtype, void* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* in = acc + r * dp;
+        if (dtype == kF32) {
+            std::memcpy(static_cast<float*>(out) + r * d, in, sizeof(float) * d);
+        } else {
+            uint16_t* o = static_cast<uint16_t*>(out) + r * d;
+            for (int64_t k = 0; k < d; ++k) o[k] = dtype == kBF16 ? float_to_bf16_bits(in[k]) : float_to_f16_bits(in[k]);
+        }
+    }
+}
+
+template <class V>
+void lse_forward(const Problem& p, float* row_lse, float* col_lse, int threads) {
+    Kernel<V>(p, threads).forward(row_lse, col_lse);
+}
+
+template <class V>
+void lse_backward(const Problem& p, const float* row_lse, const float* col_lse, const float* grad_row,
+                  const float* grad_col, void* dx, void* dy, float* dscale, float* drow, float* dcol, int threads) {
+    Kernel<V> k(p, threads);
+    std::vector<float> dx_acc(round_up(p.n, MC) * k.dp), dy_acc(round_up(p.m, NC) * k.dp);
+    k.backward(row_lse, col_lse, grad_row, grad_col, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
+    store_rows(dx_acc.data(), p.n, p.d, k.dp, p.dtype, dx);
+    store_rows(dy_acc.data(), p.m, p.d, k.dp, p.dtype, dy);
+}
+
+}  // namespace MMCL_ISA
+}  // namespace mmcl

@@ -1,0 +1,56 @@
+// AVX-512 vector policy for the kernels in lse.h: 16 fp32 lanes in one zmm register.
+// Only included by lse_avx512.cpp, which is compiled with -mavx512f and friends and entered only after a
+// run-time CPU check.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace mmcl { namespace MMCL_ISA {
+struct VecAvx512 {
+    using type = __m512;
+    static constexpr const char* name = "avx512";
+
+    static inline type zero() { return _mm512_setzero_ps(); }
+    static inline type set1(float v) { return _mm512_set1_ps(v); }
+    static inline type load(const float* p) { return _mm512_loadu_ps(p); }
+    static inline void store(float* p, type v) { _mm512_storeu_ps(p, v); }
+    static inline type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+    static inline type add(type a, type b) { return _mm512_add_ps(a, b); }
+    static inline type sub(type a, type b) { return _mm512_sub_ps(a, b); }
+    static inline type mul(type a, type b) { return _mm512_mul_ps(a, b); }
+    // max(a, b) returns b when either is NaN: callers put the value that may be NaN second.
+    static inline type max(type a, type b) { return _mm512_max_ps(a, b); }
+    static inline float reduce_add(type v) { return _mm512_reduce_add_ps(v); }
+    static inline float reduce_max(type v) { return _mm512_reduce_max_ps(v); }
+
+    // exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial for exp(r), then scalef by 2^n.
+    // Inputs below -104 flush to 0 (exp(-104) is below the smallest fp32 denormal), NaN propagates.
+    static inline type exp(type x) {
+        x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+        x = _mm512_min_ps(_mm512_set1_ps(88.72f), x);
+        const type n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        type r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+        type p = _mm512_set1_ps(1.0f / 5040.0f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+        return _mm512_scalef_ps(p, n);
+    }
+
+    // 16 half-precision values -> fp32.
+    static inline void bf16_to_f32(const uint16_t* src, float* dst) {
+        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+        _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
+    static inline void f16_to_f32(const uint16_t* src, float* dst) {
+        _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+    }
+};
+}  // namespace MMCL_ISA
+}  // namespace mmcl
