@@ -75,13 +75,26 @@ PYBIND11_MODULE(_C, m) {
           [](std::uintptr_t x, int64_t x_rs, std::uintptr_t y, int64_t y_rs, int dtype, int64_t n, int64_t mm,
              int64_t d, std::uintptr_t scale, std::uintptr_t row_bias, std::uintptr_t col_bias,
              std::uintptr_t row_lse, std::uintptr_t col_lse, std::uintptr_t grad_row, std::uintptr_t grad_col,
+             std::uintptr_t row_const, std::uintptr_t col_const, std::uintptr_t row_target,
+             std::uintptr_t row_target_grad, std::uintptr_t col_target, std::uintptr_t col_target_grad,
              std::uintptr_t dx, std::uintptr_t dy, std::uintptr_t dscale, std::uintptr_t drow, std::uintptr_t dcol,
              int threads) {
               const mmcl::Problem p = make_problem(x, x_rs, y, y_rs, dtype, n, mm, d, scale, row_bias, col_bias);
+              mmcl::Extras ex;
+              ex.row_const = ptr<const float>(row_const);
+              ex.col_const = ptr<const float>(col_const);
+              ex.row_target = ptr<const int64_t>(row_target);
+              ex.row_target_grad = ptr<const float>(row_target_grad);
+              ex.col_target = ptr<const int64_t>(col_target);
+              ex.col_target_grad = ptr<const float>(col_target_grad);
+              if ((ex.row_target == nullptr) != (ex.row_target_grad == nullptr) ||
+                  (ex.col_target == nullptr) != (ex.col_target_grad == nullptr))
+                  throw std::invalid_argument("a target index vector needs its gradient vector and vice versa");
               py::gil_scoped_release release;
               active->backward(p, ptr<const float>(row_lse), ptr<const float>(col_lse), ptr<const float>(grad_row),
-                               ptr<const float>(grad_col), ptr<void>(dx), ptr<void>(dy), ptr<float>(dscale),
+                               ptr<const float>(grad_col), ex, ptr<void>(dx), ptr<void>(dy), ptr<float>(dscale),
                                ptr<float>(drow), ptr<float>(dcol), threads);
           },
-          "Gradients of sum(grad_row*row_lse) + sum(grad_col*col_lse); dx/dy are written in the input dtype.");
+          "Gradients of sum(grad_row*row_lse) + sum(grad_col*col_lse) + the folded linear terms (0 = absent); "
+          "dx/dy are written in the input dtype.");
 }

@@ -16,11 +16,23 @@ struct Problem {
     const float* col_bias;  // (m,)
 };
 
+// Linear terms of the loss folded into the gradient weights, so that dx / dy are rounded once:
+//   G_ij += row_const_i + col_const_j + row_target_grad_i [j == row_target_i] + col_target_grad_j [i == col_target_j]
+// (gradients of the row / column logit sums and of the positives' logits). Any pointer may be null.
+struct Extras {
+    const float* row_const = nullptr;        // (n,)
+    const float* col_const = nullptr;        // (m,)
+    const int64_t* row_target = nullptr;     // (n,) column index of each row's positive
+    const float* row_target_grad = nullptr;  // (n,)
+    const int64_t* col_target = nullptr;     // (m,) row index of each column's positive
+    const float* col_target_grad = nullptr;  // (m,)
+};
+
 struct KernelTable {
     const char* isa;
     void (*forward)(const Problem&, float* row_lse, float* col_lse, int threads);
     void (*backward)(const Problem&, const float* row_lse, const float* col_lse, const float* grad_row,
-                     const float* grad_col, void* dx, void* dy, float* dscale, float* drow, float* dcol,
+                     const float* grad_col, const Extras& extras, void* dx, void* dy, float* dscale, float* drow, float* dcol,
                      int threads);
 };
 

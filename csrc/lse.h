@@ -52,6 +52,7 @@ constexpr int NC = 192;       // column block (multiple of NR and of MR: it is t
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+
 // Copy rows [r0, r0 + rows) of a (·, d) matrix of `dtype` into a zero-padded fp32 buffer (rows_pad x dp).
 template <class V>
 inline void load_rows_f32(const void* src, int64_t rs, int dtype, int64_t r0, int64_t rows, int64_t rows_pad,
@@ -106,9 +107,10 @@ struct Scratch {
     std::vector<float> col_bias; // NC (padding: -inf, so padded columns never count)
     std::vector<float> col_aux;  // NC (per-column scratch: tile max, gradient weights)
     std::vector<float> col_aux2; // NC
+    std::vector<float> col_aux3; // NC
     Scratch(int64_t d, int64_t dp)
         : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
-          col_aux(NC), col_aux2(NC) {}
+          col_aux(NC), col_aux2(NC), col_aux3(NC) {}
 };
 
 template <class V>
@@ -263,13 +265,16 @@ struct Kernel {
     // ---------------------------------------------------------------------------------------------------------
     // dx / dy: fp32 accumulators, (round_up(n, MC) x dp) and (round_up(m, NC) x dp), zero-initialised here.
     void backward(const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
-                  float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol) const {
+                  const Extras& ex, float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol) const {
         const bool use_row = row_lse != nullptr, use_col = col_lse != nullptr;
         const int64_t mpad_total = round_up(p.m, NC);
         // Column-side vectors padded to whole blocks; padded columns have zero gradient weight.
         std::vector<float> lse_c(mpad_total, 0.0f), g_c(mpad_total, 0.0f), dcol_acc(mpad_total, 0.0f);
+        std::vector<float> const_c(mpad_total, 0.0f);
         if (use_col)
             for (int64_t j = 0; j < p.m; ++j) { lse_c[j] = col_lse[j]; g_c[j] = grad_col[j]; }
+        if (ex.col_const)
+            for (int64_t j = 0; j < p.m; ++j) const_c[j] = ex.col_const[j];
         std::fill(dx_acc, dx_acc + round_up(p.n, MC) * dp, 0.0f);
         std::fill(dy_acc, dy_acc + mpad_total * dp, 0.0f);
         for (int64_t i = 0; i < p.n; ++i) { dscale[i] = 0.0f; drow[i] = 0.0f; }
@@ -291,9 +296,9 @@ struct Kernel {
                         const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
                         load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
                         similarity_tile(s, mc, nc);
-                        backward_tile(s, i0, mc, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
-                                      lse_c.data() + j0, g_c.data() + j0, use_col, dscale, drow,
-                                      dcol_acc.data() + j0);
+                        backward_tile(s, i0, mc, j0, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
+                                      lse_c.data() + j0, g_c.data() + j0, const_c.data() + j0, use_col, ex, dscale,
+                                      drow, dcol_acc.data() + j0);
                         gradient_gemms(s, i0, mc, j0, nc, dx_acc, dy_acc);
                     }
                 }
@@ -305,27 +310,47 @@ struct Kernel {
 
     // Turn the similarity tile into scaled gradient weights G'_ij = scale_i * G_ij (in place), accumulating
     // dscale_i += sum_j G_ij s_ij, drow_i += sum_j G_ij and dcol_j += sum_i G_ij on the way.
-    void backward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t nc, const float* row_lse, const float* grad_row,
-                       const float* lse_c, const float* g_c, bool use_col, float* dscale, float* drow,
-                       float* dcol) const {
+    void backward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, const float* row_lse,
+                       const float* grad_row, const float* lse_c, const float* g_c, const float* const_c,
+                       bool use_col, const Extras& ex, float* dscale, float* drow, float* dcol) const {
         const int64_t nv = round_up(nc, 16) / 16;
         float* dcol_tile = s.col_aux.data();
         std::fill(dcol_tile, dcol_tile + NC, 0.0f);
+        // Columns whose positive row falls in this tile: its local row index as a float key (-1: none).
+        float* target_row_key = s.col_aux2.data();
+        float* target_row_grad = s.col_aux3.data();
+        bool any_col_target = false;
+        for (int64_t c = 0; c < NC; ++c) {
+            const int64_t u = (ex.col_target && c < nc) ? ex.col_target[j0 + c] - i0 : -1;
+            const bool here = u >= 0 && u < mc;
+            target_row_key[c] = here ? static_cast<float>(u) : -1.0f;
+            target_row_grad[c] = here ? ex.col_target_grad[j0 + c] : 0.0f;
+            any_col_target |= here;
+        }
         const float* cb = s.col_bias.data();
+        const bool use_row = row_lse != nullptr;
         for (int64_t i = 0; i < mc; ++i) {
-            const float a_s = p.scale[i0 + i];
-            const T a = V::set1(a_s), r = V::set1(p.row_bias[i0 + i]);
-            const bool use_row = row_lse != nullptr;
+            const T a = V::set1(p.scale[i0 + i]), r = V::set1(p.row_bias[i0 + i]);
             const T lr = V::set1(use_row ? row_lse[i0 + i] : 0.0f);
             const T gr = V::set1(use_row ? grad_row[i0 + i] : 0.0f);
+            const T row_const = V::set1(ex.row_const ? ex.row_const[i0 + i] : 0.0f);
+            const int64_t target_col = ex.row_target ? ex.row_target[i0 + i] - j0 : -1;
+            const bool row_target_here = target_col >= 0 && target_col < nc;
+            const float row_target_grad = row_target_here ? ex.row_target_grad[i0 + i] : 0.0f;
+            const T row_key = V::set1(static_cast<float>(i));
             float* row = s.tile.data() + i * NC;
             T da = V::zero(), dr = V::zero();
             for (int64_t v = 0; v < nv; ++v) {
                 const T sim = V::load(row + 16 * v);
                 const T logit = V::add(V::fma(a, sim, r), V::load(cb + 16 * v));
-                T g = V::zero();
-                if (use_row) g = V::mul(gr, V::exp(V::sub(logit, lr)));
+                T g = V::add(row_const, V::load(const_c + 16 * v));
+                if (use_row) g = V::fma(gr, V::exp(V::sub(logit, lr)), g);
                 if (use_col) g = V::fma(V::load(g_c + 16 * v), V::exp(V::sub(logit, V::load(lse_c + 16 * v))), g);
+                if (row_target_here && (target_col >> 4) == v)
+                    g = V::add_at_lane(g, static_cast<int>(target_col & 15), row_target_grad);
+                if (any_col_target)
+                    g = V::add_where_equal(g, V::load(target_row_key + 16 * v), row_key,
+                                           V::load(target_row_grad + 16 * v));
                 da = V::fma(g, sim, da);
                 dr = V::add(dr, g);
                 V::store(dcol_tile + 16 * v, V::add(V::load(dcol_tile + 16 * v), g));
@@ -375,10 +400,11 @@ void lse_forward(const Problem& p, float* row_lse, float* col_lse, int threads) 
 
 template <class V>
 void lse_backward(const Problem& p, const float* row_lse, const float* col_lse, const float* grad_row,
-                  const float* grad_col, void* dx, void* dy, float* dscale, float* drow, float* dcol, int threads) {
+                  const float* grad_col, const Extras& ex, void* dx, void* dy, float* dscale, float* drow,
+                  float* dcol, int threads) {
     Kernel<V> k(p, threads);
     std::vector<float> dx_acc(round_up(p.n, MC) * k.dp), dy_acc(round_up(p.m, NC) * k.dp);
-    k.backward(row_lse, col_lse, grad_row, grad_col, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
+    k.backward(row_lse, col_lse, grad_row, grad_col, ex, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
     store_rows(dx_acc.data(), p.n, p.d, k.dp, p.dtype, dx);
     store_rows(dy_acc.data(), p.m, p.d, k.dp, p.dtype, dy);
 }

@@ -20,6 +20,13 @@ struct VecAvx512 {
     static inline type mul(type a, type b) { return _mm512_mul_ps(a, b); }
     // max(a, b) returns b when either is NaN: callers put the value that may be NaN second.
     static inline type max(type a, type b) { return _mm512_max_ps(a, b); }
+    static inline type add_at_lane(type v, int lane, float value) {
+        return _mm512_mask_add_ps(v, static_cast<__mmask16>(1u << lane), v, _mm512_set1_ps(value));
+    }
+    // v + (key == probe ? value : 0), lane by lane
+    static inline type add_where_equal(type v, type key, type probe, type value) {
+        return _mm512_mask_add_ps(v, _mm512_cmp_ps_mask(key, probe, _CMP_EQ_OQ), v, value);
+    }
     static inline float reduce_add(type v) { return _mm512_reduce_add_ps(v); }
     static inline float reduce_max(type v) { return _mm512_reduce_max_ps(v); }
 

@@ -27,6 +27,11 @@ struct VecScalar {
     static inline type max(const type& a, const type& b) {
         type r; for (int i = 0; i < 16; ++i) r.v[i] = (a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;
     }
+    static inline type add_at_lane(type v, int lane, float value) { v.v[lane] += value; return v; }
+    static inline type add_where_equal(type v, const type& key, const type& probe, const type& value) {
+        for (int i = 0; i < 16; ++i) if (key.v[i] == probe.v[i]) v.v[i] += value.v[i];
+        return v;
+    }
     static inline float reduce_add(const type& a) { float s = 0.0f; for (int i = 0; i < 16; ++i) s += a.v[i]; return s; }
     static inline float reduce_max(const type& a) {
         float m = a.v[0]; for (int i = 1; i < 16; ++i) m = (m > a.v[i]) ? m : a.v[i]; return m;

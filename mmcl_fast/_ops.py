@@ -74,52 +74,103 @@ def _backend_module(backend: str):
 # ---------------------------------------------------------------------------------------------
 # custom ops
 # ---------------------------------------------------------------------------------------------
+# Besides the two LSEs, the forward returns the linear statistics a cross-entropy needs: the positives' logits
+# L[i, row_target_i] and L[col_target_j, j], and the row / column sums of L (label smoothing). They cost
+# O((N + M) D) and are computed here with plain torch; their gradients are folded into the kernels' gradient
+# weights G (so bf16 / fp16 feature gradients are rounded once, from one fp32 accumulator).
+
+def _empty_like_vector(x: Tensor, acc: torch.dtype) -> Tensor:
+    return x.new_empty((0,), dtype=acc)
+
+
+def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary."""
+    return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+
+
+def _linear_stats(x, y, scale, row_bias, col_bias, row_target, col_target, need_sums):
+    acc = scale.dtype
+    empty = _empty_like_vector(x, acc)
+    row_pos = col_pos = row_sum = col_sum = empty
+    if row_target.numel():
+        row_pos = scale * _rowdot(x, y[row_target], acc) + row_bias + col_bias[row_target]
+    if col_target.numel():
+        col_pos = scale[col_target] * _rowdot(x[col_target], y, acc) + row_bias[col_target] + col_bias
+    if need_sums:
+        n, m = x.shape[0], y.shape[0]
+        row_sum = scale * (x.to(acc) @ y.to(acc).sum(0)) + m * row_bias + col_bias.sum()
+        col_sum = y.to(acc) @ (scale[:, None] * x.to(acc)).sum(0) + row_bias.sum() + n * col_bias
+    return row_pos.clone(), col_pos.clone(), row_sum.clone(), col_sum.clone()
+
 
 @torch.library.custom_op("mmcl_fast::lse_fwd", mutates_args=())
-def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
-            need_row: bool, need_col: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """Row and column LSE of L = scale*X@Y^T + row_bias + col_bias. An unneeded side comes back empty."""
-    return _backend_module(backend).lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
+def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor, row_target: Tensor,
+            col_target: Tensor, need_row: bool, need_col: bool, need_sums: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(row_lse, col_lse, row_pos, col_pos, row_sum, col_sum) of L = scale*X@Y^T + row_bias + col_bias.
+
+    An output that was not asked for (need_* False, empty target) comes back as an empty tensor.
+    """
+    with torch.no_grad():
+        row_lse, col_lse = _backend_module(backend).lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
+        stats = _linear_stats(x, y, scale, row_bias, col_bias, row_target, col_target, need_sums)
+    return (row_lse, col_lse) + stats
 
 
 @lse_fwd.register_fake
-def _lse_fwd_fake(x, y, scale, row_bias, col_bias, need_row, need_col, backend):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _lse_fwd_fake(x, y, scale, row_bias, col_bias, row_target, col_target, need_row, need_col, need_sums,
+                  backend):
+    acc = scale.dtype
     n, m = x.shape[0], y.shape[0]
-    return (x.new_empty((n if need_row else 0,), dtype=acc),
-            x.new_empty((m if need_col else 0,), dtype=acc))
+    vec = lambda size: x.new_empty((size,), dtype=acc)  # noqa: E731
+    return (vec(n if need_row else 0), vec(m if need_col else 0), vec(row_target.shape[0]),
+            vec(col_target.shape[0]), vec(n if need_sums else 0), vec(m if need_sums else 0))
 
 
 @torch.library.custom_op("mmcl_fast::lse_bwd", mutates_args=())
-def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
-            row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
+def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor, row_target: Tensor,
+            col_target: Tensor, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
+            grad_row_pos: Tensor, grad_col_pos: Tensor, grad_row_sum: Tensor, grad_col_sum: Tensor,
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dy, dscale, drow_bias, dcol_bias) of sum(grad_row*row_lse) + sum(grad_col*col_lse)."""
-    return _backend_module(backend).lse_bwd(x, y, scale, row_bias, col_bias,
-                                            row_lse, col_lse, grad_row, grad_col)
+    """(dx, dy, dscale, drow_bias, dcol_bias) for the given output gradients (empty = zero)."""
+    extras = Extras(grad_row_sum, grad_col_sum, row_target, grad_row_pos, col_target, grad_col_pos)
+    return _backend_module(backend).lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row,
+                                            grad_col, extras)
 
 
 @lse_bwd.register_fake
-def _lse_bwd_fake(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, backend):
+def _lse_bwd_fake(x, y, scale, row_bias, col_bias, row_target, col_target, row_lse, col_lse, grad_row,
+                  grad_col, grad_row_pos, grad_col_pos, grad_row_sum, grad_col_sum, backend):
     return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale),
             torch.empty_like(row_bias), torch.empty_like(col_bias))
 
 
+class Extras:
+    """The linear terms folded into the gradient weights: G_ij += row_const_i + col_const_j
+    + row_target_grad_i [j == row_target_i] + col_target_grad_j [i == col_target_j]. Empty tensors = absent."""
+
+    def __init__(self, row_const, col_const, row_target, row_target_grad, col_target, col_target_grad):
+        self.row_const, self.col_const = row_const, col_const
+        self.row_target, self.row_target_grad = row_target, row_target_grad
+        self.col_target, self.col_target_grad = col_target, col_target_grad
+
+
 def _lse_setup_context(ctx, inputs, output):
-    x, y, scale, row_bias, col_bias, need_row, need_col, backend = inputs
-    row_lse, col_lse = output
-    ctx.save_for_backward(x, y, scale, row_bias, col_bias, row_lse, col_lse)
-    ctx.need_row, ctx.need_col, ctx.backend = need_row, need_col, backend
+    x, y, scale, row_bias, col_bias, row_target, col_target, need_row, need_col, need_sums, backend = inputs
+    row_lse, col_lse = output[:2]
+    ctx.save_for_backward(x, y, scale, row_bias, col_bias, row_target, col_target, row_lse, col_lse)
+    ctx.backend = backend
 
 
-def _lse_backward(ctx, grad_row_lse, grad_col_lse):
-    x, y, scale, row_bias, col_bias, row_lse, col_lse = ctx.saved_tensors
-    # A side that was not computed has an empty LSE and gets an empty (all-zero) gradient.
-    grad_row = row_lse.new_zeros(row_lse.shape) if grad_row_lse is None else grad_row_lse.to(row_lse.dtype)
-    grad_col = col_lse.new_zeros(col_lse.shape) if grad_col_lse is None else grad_col_lse.to(col_lse.dtype)
-    dx, dy, dscale, drow, dcol = lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse,
-                                         grad_row.contiguous(), grad_col.contiguous(), ctx.backend)
-    return dx, dy, dscale, drow, dcol, None, None, None
+def _lse_backward(ctx, *grads):
+    x, y, scale, row_bias, col_bias, row_target, col_target, row_lse, col_lse = ctx.saved_tensors
+    # A missing gradient is zero: passed as an empty tensor, which every backend reads as "absent".
+    grad_row, grad_col, grad_row_pos, grad_col_pos, grad_row_sum, grad_col_sum = (
+        scale.new_empty((0,)) if grad is None else grad.to(scale.dtype).contiguous() for grad in grads)
+    dx, dy, dscale, drow, dcol = lse_bwd(x, y, scale, row_bias, col_bias, row_target, col_target, row_lse,
+                                         col_lse, grad_row, grad_col, grad_row_pos, grad_col_pos, grad_row_sum,
+                                         grad_col_sum, ctx.backend)
+    return dx, dy, dscale, drow, dcol, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mmcl_fast::lse_fwd", _lse_backward, setup_context=_lse_setup_context)
@@ -171,7 +222,27 @@ def affine_lse(x: Tensor, y: Tensor, scale=1.0, row_bias=None, col_bias=None, *,
     row_v = _as_vector(row_bias, n, "row_bias", x, acc)
     col_v = _as_vector(col_bias, m, "col_bias", x, acc)
     x, y = _unit_stride(x), _unit_stride(y)
-    return lse_fwd(x, y, scale_v, row_v, col_v, need_row, need_col, resolved)
+    no_target = torch.empty(0, dtype=torch.int64, device=x.device)
+    out = lse_fwd(x, y, scale_v, row_v, col_v, no_target, no_target, need_row, need_col, False, resolved)
+    return out[0], out[1]
+
+
+def softmax_stats(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor, *,
+                  row_target: Tensor | None, col_target: Tensor | None, need_row: bool, need_col: bool,
+                  need_sums: bool, backend: str):
+    """Everything a (label-smoothed) cross-entropy over L needs, in one op (internal: the losses call it).
+
+    scale / row_bias: (N,), col_bias: (M,) in the accumulation dtype; row_target: (N,) int64 column indices or
+    None; col_target: (M,) int64 row indices or None. Returns (row_lse, col_lse, row_pos, col_pos, row_sum,
+    col_sum); outputs not asked for are empty.
+    """
+    resolved = resolve_backend(backend, x.device, x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    no_target = torch.empty(0, dtype=torch.int64, device=x.device)
+    row_target = no_target if row_target is None else row_target.to(torch.int64).contiguous()
+    col_target = no_target if col_target is None else col_target.to(torch.int64).contiguous()
+    return lse_fwd(_unit_stride(x), _unit_stride(y), scale.to(acc).contiguous(), row_bias.to(acc).contiguous(),
+                   col_bias.to(acc).contiguous(), row_target, col_target, need_row, need_col, need_sums, resolved)
 
 
 def _unit_stride(t: Tensor) -> Tensor:

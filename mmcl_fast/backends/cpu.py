@@ -61,10 +61,24 @@ def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col):
-    need_row, need_col = row_lse.numel() > 0, col_lse.numel() > 0
+def _ptr(t) -> int:
+    """Data pointer of an optional vector (0 = absent: None or empty)."""
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
+    need_row = row_lse.numel() > 0 and grad_row.numel() > 0
+    need_col = col_lse.numel() > 0 and grad_col.numel() > 0
     grad_row = grad_row.to(torch.float32).contiguous()
     grad_col = grad_col.to(torch.float32).contiguous()
+    folded = [None] * 6
+    if extras is not None:
+        folded = [extras.row_const, extras.col_const, extras.row_target, extras.row_target_grad,
+                  extras.col_target, extras.col_target_grad]
+        if folded[2] is not None and folded[3] is not None and (folded[2].numel() == 0 or folded[3].numel() == 0):
+            folded[2] = folded[3] = None  # a target without a gradient (or vice versa) contributes nothing
+        if folded[4] is not None and folded[5] is not None and (folded[4].numel() == 0 or folded[5].numel() == 0):
+            folded[4] = folded[5] = None
     dx = torch.empty(x.shape, dtype=x.dtype)
     dy = torch.empty(y.shape, dtype=y.dtype)
     dscale = torch.empty_like(scale)
@@ -73,6 +87,6 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
     _module().lse_backward(*_problem_args(x, y, scale, row_bias, col_bias),
                            row_lse.data_ptr() if need_row else 0, col_lse.data_ptr() if need_col else 0,
                            grad_row.data_ptr() if need_row else 0, grad_col.data_ptr() if need_col else 0,
-                           dx.data_ptr(), dy.data_ptr(), dscale.data_ptr(), drow.data_ptr(), dcol.data_ptr(),
+                           *(_ptr(t) for t in folded), dx.data_ptr(), dy.data_ptr(), dscale.data_ptr(), drow.data_ptr(), dcol.data_ptr(),
                            torch.get_num_threads())
     return dx, dy, dscale, drow, dcol

@@ -27,14 +27,32 @@ def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col):
+def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras=None):
+    """The dense G_ij of SPEC §1 (softmax terms plus the folded linear terms)."""
+    acc = logits.dtype
+    g = torch.zeros_like(logits)
+    if row_lse.numel() and grad_row.numel():
+        g += grad_row.to(acc)[:, None] * torch.exp(logits - row_lse.to(acc)[:, None])
+    if col_lse.numel() and grad_col.numel():
+        g += grad_col.to(acc)[None, :] * torch.exp(logits - col_lse.to(acc)[None, :])
+    if extras is not None:
+        if extras.row_const.numel():
+            g += extras.row_const.to(acc)[:, None]
+        if extras.col_const.numel():
+            g += extras.col_const.to(acc)[None, :]
+        if extras.row_target.numel() and extras.row_target_grad.numel():
+            rows = torch.arange(g.shape[0], device=g.device)
+            g.index_put_((rows, extras.row_target), extras.row_target_grad.to(acc), accumulate=True)
+        if extras.col_target.numel() and extras.col_target_grad.numel():
+            cols = torch.arange(g.shape[1], device=g.device)
+            g.index_put_((extras.col_target, cols), extras.col_target_grad.to(acc), accumulate=True)
+    return g
+
+
+def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
     acc = _acc_dtype(x)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
-    g = torch.zeros_like(logits)
-    if row_lse.numel():
-        g += grad_row.to(acc)[:, None] * torch.exp(logits - row_lse.to(acc)[:, None])
-    if col_lse.numel():
-        g += grad_col.to(acc)[None, :] * torch.exp(logits - col_lse.to(acc)[None, :])
+    g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras)
     gs = g * scale.to(acc)[:, None]
     dx = (gs @ y.to(acc)).to(x.dtype)
     dy = (gs.T @ x.to(acc)).to(y.dtype)

@@ -2,7 +2,7 @@
 
 Logits are ``L_ij = scale_i * sim(q_i, k_j) + row_bias_i + col_bias_j`` with sim the dot product or the negative
 squared Euclidean distance. The softmax normalisers come from the streamed-LSE primitive (`_ops.affine_lse`);
-the positives' logits and the label-smoothing sums are O(N*D) and are computed here with plain autograd.
+the positives' logits and label-smoothing sums come out of the same op, their gradients folded into the kernel.
 """
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ SIMILARITIES = ("dot", "sqeuclidean")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary."""
-    return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+_rowdot = _ops._rowdot  # sum_d a[i, d] * b[i, d] in a given precision, no (N, D) temporary
 
 
 def _sq_norms(a: Tensor, acc: torch.dtype) -> Tensor:
@@ -30,28 +28,6 @@ class AffineLogits:
 
     def __init__(self, x: Tensor, y: Tensor, a: Tensor, r: Tensor, c: Tensor):
         self.x, self.y, self.a, self.r, self.c = x, y, a, r, c
-
-    def pairs(self, rows: Tensor | None, cols: Tensor | None) -> Tensor:
-        """L[rows[k], cols[k]] for each k (None = the diagonal)."""
-        acc = self.a.dtype
-        xr = self.x if rows is None else self.x[rows]
-        yc = self.y if cols is None else self.y[cols]
-        a = self.a if rows is None else self.a[rows]
-        r = self.r if rows is None else self.r[rows]
-        c = self.c if cols is None else self.c[cols]
-        return a * _rowdot(xr, yc, acc) + r + c
-
-    def row_sums(self) -> Tensor:
-        """sum_j L_ij: one mat-vec with sum_j y_j, never a pass over tiles."""
-        acc = self.a.dtype
-        y_sum = self.y.to(acc).sum(0)
-        return self.a * (self.x.to(acc) @ y_sum) + self.y.shape[0] * self.r + self.c.sum()
-
-    def col_sums(self) -> Tensor:
-        """sum_i L_ij = <sum_i a_i x_i, y_j> + sum_i r_i + N c_j."""
-        acc = self.a.dtype
-        x_sum = (self.a[:, None] * self.x.to(acc)).sum(0)
-        return self.y.to(acc) @ x_sum + self.r.sum() + self.x.shape[0] * self.c
 
 
 def _vector(value, length: int, name: str, like: Tensor, acc: torch.dtype) -> Tensor:
@@ -139,24 +115,24 @@ def infonce(query: Tensor, keys: Tensor, scale=1.0, *, row_bias=None, col_bias=N
 
 def _infonce_from_affine(logits: AffineLogits, row_labels, col_labels, symmetric: bool, smoothing: float,
                          reduction: str, backend: str):
-    row_lse, col_lse = _ops.affine_lse(logits.x, logits.y, logits.a, logits.r, logits.c,
-                                       need_row=True, need_col=symmetric, backend=backend)
     n, m = logits.x.shape[0], logits.y.shape[0]
-    row_pos = logits.pairs(None, row_labels) if row_labels is not None else logits.pairs(None, None)
-    row_target = (1 - smoothing) * row_pos
+    device = logits.x.device
+    row_target = row_labels if row_labels is not None else torch.arange(n, device=device)
+    col_target = None
+    if symmetric:
+        col_target = col_labels if col_labels is not None else torch.arange(m, device=device)
+    row_lse, col_lse, row_pos, col_pos, row_sum, col_sum = _ops.softmax_stats(
+        logits.x, logits.y, logits.a, logits.r, logits.c, row_target=row_target, col_target=col_target,
+        need_row=True, need_col=symmetric, need_sums=smoothing > 0, backend=backend)
+    # cross_entropy with label smoothing: lse - (1 - eps) * L[target] - eps * mean(L over classes)
+    row_losses = row_lse - (1 - smoothing) * row_pos
     if smoothing:
-        row_target = row_target + smoothing / m * logits.row_sums()
-    row_losses = row_lse - row_target
+        row_losses = row_losses - smoothing / m * row_sum
     if not symmetric:
         return _reduce(row_losses, reduction)
-    if col_labels is None:
-        col_pos = row_pos if row_labels is None else logits.pairs(None, None)
-    else:
-        col_pos = logits.pairs(col_labels, torch.arange(m, device=col_labels.device))
-    col_target = (1 - smoothing) * col_pos
+    col_losses = col_lse - (1 - smoothing) * col_pos
     if smoothing:
-        col_target = col_target + smoothing / n * logits.col_sums()
-    col_losses = col_lse - col_target
+        col_losses = col_losses - smoothing / n * col_sum
     if reduction == "none":
         return row_losses, col_losses
     return 0.5 * (_reduce(row_losses, reduction) + _reduce(col_losses, reduction))

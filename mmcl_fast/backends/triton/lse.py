@@ -1,0 +1,483 @@
+"""Triton kernels of the streamed-LSE primitive (SPEC §1): row/column LSE forward and the fused gradient tiles.
+
+The logits are ``L_ij = a_i <x_i, y_j> + r_i + c_j``. Forward returns ``row_lse_i = log sum_j exp L_ij`` and
+``col_lse_j = log sum_i exp L_ij``; backward turns the upstream gradients of those LSEs into
+
+    G_ij = grad_row_i exp(L_ij - row_lse_i) + grad_col_j exp(L_ij - col_lse_j)
+    dx_i = a_i sum_j G_ij y_j,  dy_j = sum_i G_ij a_i x_i,  da_i = sum_j G_ij <x_i,y_j>,  dr_i = sum_j G_ij,
+    dc_j = sum_i G_ij.
+
+Work: 4 N*M*D GEMM-equivalents for a symmetric loss (Inf-CL spends 10).
+  - forward, 1: one sweep over the tiles of X Y^T gives row and column LSE together (`_lse_partials_kernel`).
+    The grid is R x C "splits": program (r, c) owns the row blocks r, r+R, ... and a contiguous range of column
+    tiles; it keeps its rows' running (max, sum) in registers and its columns' running (max, sum) in a slot of
+    an (R, M) buffer that no other program touches. The R + C partials per row / column are merged at the
+    end in a fixed order: deterministic, no atomics, online max (never a fixed shift).
+  - backward, 3: each tile of X Y^T is recomputed once (`_grad_tile_kernel`), which writes a_i G_ij for a
+    bounded chunk of the matrix and reduces da, dr, dc from the fp32 G in the same pass; dX and dY are then
+    two GEMMs over that chunk (`matmul.accumulate_matmul`). A register-resident dX accumulator (the
+    FlashAttention layout) is impossible here: a BLOCK x D fp32 block is 128-256 KiB at D = 512-1024, the
+    whole register file of an SM, so one tensor-core GEMM over a staged chunk of G is the fast layout.
+
+Memory: inputs and gradients O((N + M) D), the fp32 dY accumulator (only when N spans several row chunks),
+forward partials 2 (R + C)(N + M) floats with R, C <= 16, and one staged G chunk of at most
+`MMCL_FAST_TRITON_CHUNK_MB` MiB (default 128) regardless of N and M. Never N x M.
+
+Precision: bf16/fp16 features go to the tensor cores as they are, with fp32 accumulation and fp32 LSE; G is
+staged in the feature dtype (fp16 G is scaled by a power of two into fp16's normal range and unscaled in
+fp32 after the GEMM). fp32 features are computed in full fp32 (`input_precision="ieee"`) unless
+`torch.backends.cuda.matmul.allow_tf32` (or `fp32_precision = "tf32"`) is on. Under the Triton interpreter
+(TRITON_INTERPRET=1, CPU tensors) bf16/fp16 tiles are converted to fp32 before `tl.dot`, whose bf16 path is
+wrong there.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .matmul import accumulate_matmul, cast_for_store, interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # the same constant, visible inside @triton.jit functions
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tile_configs():
+    if interpreting():
+        # Small tiles so that the CPU tests cover several tiles, edges and every split of the grid.
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # Hopper-friendly tensor-core tiles (wgmma wants 64-row multiples per warp group); the autotuner drops
+    # the ones that do not fit shared memory (fp32 operands).
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+              (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bm, bk, w, s in shapes]
+
+
+# The partial-reduction buffers of the backward are laid out in slots of this many rows/columns, the smallest
+# tile side among the configs, so their size does not depend on which config the autotuner picks.
+_SLOT = 16 if interpreting() else 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """<x_i, y_j> for a BLOCK_N x BLOCK_M tile, fp32 accumulation over D in BLOCK_K chunks (edges masked)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_x + offs_k[None, :]
+    y_ptrs = y_ptr + cols[:, None] * stride_y + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + offs_k) < D
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(y_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        y_ptrs += BLOCK_K
+    return acc
+
+
+@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS"])
+@triton.jit
+def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
+                         row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
+                         N, M, D, stride_x, stride_y, N_CLASS, M_CLASS,
+                         NEED_ROW: tl.constexpr, NEED_COL: tl.constexpr, UPCAST: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (r, c): running (max, sum) of 2^(L log2 e) for its rows over its columns and vice versa.
+
+    Writes row partials to slot c of (C, N) buffers and column partials to slot r of (R, M) buffers, in the
+    log2 domain. Every slot is written on every launch (empty splits write max=-inf, sum=0), so the kernel is
+    idempotent, which autotuning relies on.
+    """
+    split_r = tl.program_id(0)
+    split_c = tl.program_id(1)
+    num_r = tl.num_programs(0)
+    num_c = tl.num_programs(1)
+    num_row_blocks = tl.cdiv(N, BLOCK_N)
+    num_col_tiles = tl.cdiv(M, BLOCK_M)
+    tiles_per_split = tl.cdiv(num_col_tiles, num_c)
+    tile_lo = split_c * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_col_tiles)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+
+    for row_block in range(split_r, num_row_blocks, num_r):
+        rows = (row_block * BLOCK_N + offs_n).to(tl.int64)
+        row_ok = rows < N
+        scale2 = tl.load(scale_ptr + rows, mask=row_ok, other=0.0) * _LOG2E
+        row_bias2 = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0) * _LOG2E
+        row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_N,), tl.float32)
+        for tile in range(tile_lo, tile_hi):
+            cols = (tile * BLOCK_M + offs_m).to(tl.int64)
+            col_ok = cols < M
+            sim = _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+                                   BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)
+            col_bias2 = tl.load(col_bias_ptr + cols, mask=col_ok, other=0.0) * _LOG2E
+            logit2 = sim * scale2[:, None] + (row_bias2[:, None] + col_bias2[None, :])
+            logit2 = tl.where(row_ok[:, None] & col_ok[None, :], logit2, float("-inf"))
+            if NEED_ROW:
+                new_max = tl.maximum(row_max, tl.max(logit2, axis=1))
+                # A row with no valid entry yet keeps max=-inf; shift by 0 there so that exp2 gives 0, not NaN.
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                row_sum = row_sum * tl.exp2(row_max - shift) + tl.sum(tl.exp2(logit2 - shift[:, None]), axis=1)
+                row_max = new_max
+            if NEED_COL:
+                tile_max = tl.max(logit2, axis=0)
+                tile_shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+                tile_sum = tl.sum(tl.exp2(logit2 - tile_shift[None, :]), axis=0)
+                slot = col_max_ptr + split_r * M + cols
+                if row_block != split_r:  # not this program's first row block: merge with its slot
+                    prev_max = tl.load(slot, mask=col_ok, other=float("-inf"))
+                    prev_sum = tl.load(col_sum_ptr + split_r * M + cols, mask=col_ok, other=0.0)
+                    new_max = tl.maximum(prev_max, tile_max)
+                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                    tile_sum = prev_sum * tl.exp2(prev_max - shift) + tile_sum * tl.exp2(tile_max - shift)
+                    tile_max = new_max
+                tl.store(slot, tile_max, mask=col_ok)
+                tl.store(col_sum_ptr + split_r * M + cols, tile_sum, mask=col_ok)
+        if NEED_ROW:
+            tl.store(row_max_ptr + split_c * N + rows, row_max, mask=row_ok)
+            tl.store(row_sum_ptr + split_c * N + rows, row_sum, mask=row_ok)
+
+    if NEED_COL:
+        if split_r >= num_row_blocks:  # a split with no row block still owns its slot: mark it empty
+            for tile in range(tile_lo, tile_hi):
+                cols = (tile * BLOCK_M + offs_m).to(tl.int64)
+                col_ok = cols < M
+                tl.store(col_max_ptr + split_r * M + cols, tl.full((BLOCK_M,), float("-inf"), tl.float32),
+                         mask=col_ok)
+                tl.store(col_sum_ptr + split_r * M + cols, tl.zeros((BLOCK_M,), tl.float32), mask=col_ok)
+    if NEED_ROW:
+        if tile_lo >= tile_hi:
+            for row_block in range(split_r, num_row_blocks, num_r):
+                rows = (row_block * BLOCK_N + offs_n).to(tl.int64)
+                row_ok = rows < N
+                tl.store(row_max_ptr + split_c * N + rows, tl.full((BLOCK_N,), float("-inf"), tl.float32),
+                         mask=row_ok)
+                tl.store(row_sum_ptr + split_c * N + rows, tl.zeros((BLOCK_N,), tl.float32), mask=row_ok)
+
+
+@triton.autotune(configs=_tile_configs(), key=["D", "CHUNK_N", "CHUNK_M"])
+@triton.jit
+def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
+                      row_lse2_ptr, col_lse2_ptr, grad_row_ptr, grad_col_ptr,
+                      row_const_ptr, col_const_ptr, row_target_ptr, row_target_grad_ptr,
+                      col_target_ptr, col_target_grad_ptr,
+                      g_ptr, row_part_ptr, col_part_ptr,
+                      row0, col0, n_rows, n_cols, D, stride_x, stride_y, g_scale,
+                      CHUNK_N, CHUNK_M, row_slots, col_slots,
+                      HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_ROW_CONST: tl.constexpr,
+                      HAS_COL_CONST: tl.constexpr, HAS_ROW_TARGET: tl.constexpr, HAS_COL_TARGET: tl.constexpr,
+                      UPCAST: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr, SLOT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the chunk [row0, row0 + n_rows) x [col0, col0 + n_cols): G recomputed once.
+
+    G_ij = grad_row_i 2^(L2_ij - row_lse2_i) + grad_col_j 2^(L2_ij - col_lse2_j) + row_const_i + col_const_j
+    + row_target_grad_i [j = row_target_i] + col_target_grad_j [i = col_target_j] (each term optional).
+
+    Stores g_scale * a_i * G_ij into the (CHUNK_N, CHUNK_M) staging buffer, and the tile's partial sums
+    sum_j G_ij <x_i,y_j>, sum_j G_ij (row_part[0/1, column slot, i]) and sum_i G_ij (col_part[row slot, j]).
+    A tile wider than one slot writes its sum to its first slot and zeros to the others.
+    """
+    tile_n = tl.program_id(0)
+    tile_m = tl.program_id(1)
+    local_rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local_rows < n_rows
+    col_ok = local_cols < n_cols
+    rows = row0 + local_rows.to(tl.int64)
+    cols = col0 + local_cols.to(tl.int64)
+    sim = _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    row_bias2 = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0) * _LOG2E
+    col_bias2 = tl.load(col_bias_ptr + cols, mask=col_ok, other=0.0) * _LOG2E
+    logit2 = sim * (scale * _LOG2E)[:, None] + (row_bias2[:, None] + col_bias2[None, :])
+    valid = row_ok[:, None] & col_ok[None, :]
+    grad = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if HAS_ROW:
+        row_lse2 = tl.load(row_lse2_ptr + rows, mask=row_ok, other=0.0)
+        grad_row = tl.load(grad_row_ptr + rows, mask=row_ok, other=0.0)
+        grad += grad_row[:, None] * tl.exp2(logit2 - row_lse2[:, None])
+    if HAS_COL:
+        col_lse2 = tl.load(col_lse2_ptr + cols, mask=col_ok, other=0.0)
+        grad_col = tl.load(grad_col_ptr + cols, mask=col_ok, other=0.0)
+        grad += grad_col[None, :] * tl.exp2(logit2 - col_lse2[None, :])
+    # Linear terms of the loss (label smoothing, positives) folded in, so that the feature gradients come out
+    # of one fp32 accumulation and are rounded once.
+    if HAS_ROW_CONST:
+        grad += tl.load(row_const_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if HAS_COL_CONST:
+        grad += tl.load(col_const_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_ROW_TARGET:
+        target = tl.load(row_target_ptr + rows, mask=row_ok, other=-1)
+        target_grad = tl.load(row_target_grad_ptr + rows, mask=row_ok, other=0.0)
+        grad += tl.where(cols[None, :] == target[:, None], target_grad[:, None], 0.0)
+    if HAS_COL_TARGET:
+        target = tl.load(col_target_ptr + cols, mask=col_ok, other=-1)
+        target_grad = tl.load(col_target_grad_ptr + cols, mask=col_ok, other=0.0)
+        grad += tl.where(rows[:, None] == target[None, :], target_grad[None, :], 0.0)
+    # Padding lanes may hold inf * 0 = NaN: select, do not multiply.
+    grad = tl.where(valid, grad, 0.0)
+
+    g_ptrs = g_ptr + local_rows.to(tl.int64)[:, None] * CHUNK_M + local_cols[None, :]
+    tl.store(g_ptrs, cast_for_store(grad * (scale * g_scale)[:, None], g_ptr, ROUND_BF16), mask=valid)
+
+    # Partial reductions, written into slots so the buffer layout is independent of the tile shape.
+    row_dscale = tl.sum(grad * sim, axis=1)
+    row_dbias = tl.sum(grad, axis=1)
+    col_dbias = tl.sum(grad, axis=0)
+    COL_RATIO: tl.constexpr = BLOCK_M // SLOT
+    ROW_RATIO: tl.constexpr = BLOCK_N // SLOT
+    col_slot = tile_m * COL_RATIO + tl.arange(0, COL_RATIO)
+    first_col_slot = (tl.arange(0, COL_RATIO) == 0)[:, None]
+    row_part_ptrs = row_part_ptr + col_slot.to(tl.int64)[:, None] * CHUNK_N + local_rows[None, :]
+    row_part_mask = (col_slot < col_slots)[:, None] & row_ok[None, :]
+    tl.store(row_part_ptrs, tl.where(first_col_slot, row_dscale[None, :], 0.0), mask=row_part_mask)
+    tl.store(row_part_ptrs + col_slots * CHUNK_N, tl.where(first_col_slot, row_dbias[None, :], 0.0),
+             mask=row_part_mask)
+    row_slot = tile_n * ROW_RATIO + tl.arange(0, ROW_RATIO)
+    first_row_slot = (tl.arange(0, ROW_RATIO) == 0)[:, None]
+    col_part_ptrs = col_part_ptr + row_slot.to(tl.int64)[:, None] * CHUNK_M + local_cols[None, :]
+    tl.store(col_part_ptrs, tl.where(first_row_slot, col_dbias[None, :], 0.0),
+             mask=(row_slot < row_slots)[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------
+
+_MAX_SPLITS = 16  # R and C of the forward grid: R * C programs, (R + C) partials per row/column
+_MIN_ROWS_PER_SPLIT = 16 if interpreting() else 64
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    tf32 = bool(matmul.allow_tf32) or getattr(matmul, "fp32_precision", "none") == "tf32"
+    return "tf32" if tf32 else "ieee"
+
+
+def _size_class(n: int) -> int:
+    """Autotuning key: sizes within a factor of two share a config."""
+    return max(n - 1, 1).bit_length()
+
+
+def _check_vector(t, name: str, length: int, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+
+
+def _check_problem(x, y, scale, row_bias, col_bias) -> None:
+    for t, name in ((x, "x"), (y, "y")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D (batch, dim) tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"the triton backend supports float32/bfloat16/float16 {name}, got {t.dtype}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride along features, got strides {t.stride()}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same feature size, got {x.shape[1]} and {y.shape[1]}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        raise ValueError(f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                         f"got x on {x.device}")
+    n, m = x.shape[0], y.shape[0]
+    _check_vector(scale, "scale", n, x.device)
+    _check_vector(row_bias, "row_bias", n, x.device)
+    _check_vector(col_bias, "col_bias", m, x.device)
+
+
+def _merge_partials(part_max: Tensor, part_sum: Tensor) -> Tensor:
+    """LSE (natural log) from (splits, L) partial (max, sum) pairs in the log2 domain, in a fixed order."""
+    top = part_max.max(dim=0).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = (part_sum * torch.exp2(part_max - top)).sum(dim=0)
+    return (top + torch.log2(total)) * LN2
+
+
+def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
+            need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
+    """(row_lse (N,), col_lse (M,)) in fp32; an unneeded side comes back empty. One GEMM-equivalent."""
+    _check_problem(x, y, scale, row_bias, col_bias)
+    if not (need_row or need_col):
+        raise ValueError("at least one of need_row / need_col must be True")
+    n, d = x.shape
+    m = y.shape[0]
+    splits_r = min(_MAX_SPLITS, triton.cdiv(n, _MIN_ROWS_PER_SPLIT))
+    splits_c = min(_MAX_SPLITS, triton.cdiv(m, _MIN_ROWS_PER_SPLIT))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    row_max = torch.empty((splits_c, n) if need_row else (1,), **f32)
+    row_sum = torch.empty_like(row_max)
+    col_max = torch.empty((splits_r, m) if need_col else (1,), **f32)
+    col_sum = torch.empty_like(col_max)
+    _lse_partials_kernel[(splits_r, splits_c)](
+        x, y, scale, row_bias, col_bias, row_max, row_sum, col_max, col_sum,
+        n, m, d, x.stride(0), y.stride(0), _size_class(n), _size_class(m),
+        NEED_ROW=need_row, NEED_COL=need_col, UPCAST=interpreting() and x.dtype != torch.float32,
+        INPUT_PRECISION=_input_precision(x.dtype))
+    empty = torch.empty(0, **f32)
+    row_lse = _merge_partials(row_max, row_sum) if need_row else empty
+    col_lse = _merge_partials(col_max, col_sum) if need_col else empty.clone()
+    return row_lse, col_lse
+
+
+def _chunk_shape(n: int, m: int, element_size: int) -> tuple[int, int]:
+    """Rows x columns of the staged G chunk: at most MMCL_FAST_TRITON_CHUNK_MB MiB, as square as allowed."""
+    budget = float(os.environ.get("MMCL_FAST_TRITON_CHUNK_MB", "128")) * 2**20
+    elements = max(int(budget // element_size), 1)
+    align = 1 if interpreting() else 256
+    side = max(align, (math.isqrt(elements) // align) * align)
+    chunk_m = min(m, side)
+    chunk_n = min(n, max(align, (elements // chunk_m // align) * align), max(1, elements // chunk_m))
+    return max(chunk_n, 1), chunk_m
+
+
+def _g_scale(dtype, scale: Tensor, terms: list[Tensor]) -> float:
+    """Power of two that lifts fp16 G into fp16's normal range: |a_i G_ij| <= max|a| * sum of max|term|."""
+    if dtype != torch.float16:
+        return 1.0
+    bound = float(scale.abs().max()) * sum(float(t.abs().max()) for t in terms if t.numel())
+    if not math.isfinite(bound) or bound <= 0.0:
+        return 1.0
+    return 2.0 ** (14 - math.ceil(math.log2(bound)))
+
+
+def _optional(t, name: str, length: int, device, dtype=torch.float32):
+    """(tensor, present): an absent vector (None or empty) is replaced by a 1-element dummy the kernel never reads."""
+    if t is None or t.numel() == 0:
+        return torch.zeros(1, dtype=dtype, device=device), False
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},) (or be empty), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+    return t.contiguous(), True
+
+
+def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
+            row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None):
+    """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
+
+    `extras` (optional, see `_ops.Extras`): row_const, col_const, row_target + row_target_grad,
+    col_target + col_target_grad, the linear terms folded into G; empty tensors or None mean absent, as do an
+    empty LSE or LSE gradient.
+    Three GEMM-equivalents: the recompute of each tile of X Y^T (with da, dr, dc reduced from it), then
+    dX += G Y and dY += G^T X over each staged chunk of G.
+    """
+    _check_problem(x, y, scale, row_bias, col_bias)
+    n, d = x.shape
+    m = y.shape[0]
+    device = x.device
+    row_lse, has_row_lse = _optional(row_lse, "row_lse", n, device)
+    col_lse, has_col_lse = _optional(col_lse, "col_lse", m, device)
+    grad_row, has_grad_row = _optional(grad_row, "grad_row", n, device)
+    grad_col, has_grad_col = _optional(grad_col, "grad_col", m, device)
+    has_row, has_col = has_row_lse and has_grad_row, has_col_lse and has_grad_col
+    get = (lambda name: getattr(extras, name, None))
+    row_const, has_row_const = _optional(get("row_const"), "row_const", n, device)
+    col_const, has_col_const = _optional(get("col_const"), "col_const", m, device)
+    row_target, has_row_target = _optional(get("row_target"), "row_target", n, device, torch.int64)
+    row_target_grad, has_row_target_grad = _optional(get("row_target_grad"), "row_target_grad", n, device)
+    col_target, has_col_target = _optional(get("col_target"), "col_target", m, device, torch.int64)
+    col_target_grad, has_col_target_grad = _optional(get("col_target_grad"), "col_target_grad", m, device)
+    has_row_target = has_row_target and has_row_target_grad
+    has_col_target = has_col_target and has_col_target_grad
+    f32 = dict(dtype=torch.float32, device=device)
+    row_lse2 = row_lse * LOG2E
+    col_lse2 = col_lse * LOG2E
+
+    g_dtype = x.dtype
+    g_scale = _g_scale(x.dtype, scale, [t for t, present in (
+        (grad_row, has_row), (grad_col, has_col), (row_const, has_row_const), (col_const, has_col_const),
+        (row_target_grad, has_row_target), (col_target_grad, has_col_target)) if present])
+    chunk_n, chunk_m = _chunk_shape(n, m, torch.finfo(g_dtype).bits // 8)
+    row_chunks = list(range(0, n, chunk_n))
+    col_chunks = list(range(0, m, chunk_m))
+    staged = torch.empty((chunk_n, chunk_m), dtype=g_dtype, device=x.device)
+    row_slots, col_slots = triton.cdiv(chunk_n, _SLOT), triton.cdiv(chunk_m, _SLOT)
+    row_part = torch.empty((2, col_slots, chunk_n), **f32)
+    col_part = torch.empty((row_slots, chunk_m), **f32)
+
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+    # dX rows are finished chunk by chunk (inner loop over columns); dY accumulates over row chunks in fp32
+    # unless one row chunk covers all of N.
+    dx_acc = dx if len(col_chunks) == 1 else torch.empty((min(chunk_n, n), d), **f32)
+    dy_acc = dy if len(row_chunks) == 1 else torch.empty((m, d), **f32)
+    dscale = torch.empty(n, **f32)
+    drow = torch.empty(n, **f32)
+    dcol = torch.empty(m, **f32)
+    precision = _input_precision(x.dtype)
+    upcast = interpreting() and x.dtype != torch.float32
+    unscale = 1.0 / g_scale
+
+    for ci, row0 in enumerate(row_chunks):
+        n_rows = min(chunk_n, n - row0)
+        for cj, col0 in enumerate(col_chunks):
+            n_cols = min(chunk_m, m - col0)
+            grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(n_cols, meta["BLOCK_M"]))
+            _grad_tile_kernel[grid](
+                x, y, scale, row_bias, col_bias, row_lse2, col_lse2, grad_row, grad_col,
+                row_const, col_const, row_target, row_target_grad, col_target, col_target_grad,
+                staged, row_part, col_part, row0, col0, n_rows, n_cols, d, x.stride(0), y.stride(0), g_scale,
+                chunk_n, chunk_m, row_slots, col_slots,
+                HAS_ROW=has_row, HAS_COL=has_col, HAS_ROW_CONST=has_row_const, HAS_COL_CONST=has_col_const,
+                HAS_ROW_TARGET=has_row_target, HAS_COL_TARGET=has_col_target, UPCAST=upcast,
+                INPUT_PRECISION=precision, ROUND_BF16=interpreting() and g_dtype == torch.bfloat16, SLOT=_SLOT)
+            used_row_slots, used_col_slots = triton.cdiv(n_rows, _SLOT), triton.cdiv(n_cols, _SLOT)
+            rows, cols = slice(row0, row0 + n_rows), slice(col0, col0 + n_cols)
+            part_dscale = row_part[0, :used_col_slots, :n_rows].sum(dim=0)
+            part_drow = row_part[1, :used_col_slots, :n_rows].sum(dim=0)
+            part_dcol = col_part[:used_row_slots, :n_cols].sum(dim=0)
+            if cj == 0:
+                dscale[rows] = part_dscale
+                drow[rows] = part_drow
+            else:
+                dscale[rows] += part_dscale
+                drow[rows] += part_drow
+            if ci == 0:
+                dcol[cols] = part_dcol
+            else:
+                dcol[cols] += part_dcol
+            g = staged[:n_rows, :n_cols]
+            accumulate_matmul(dx_acc[:n_rows], g, y[cols], alpha=unscale, accumulate=cj > 0,
+                              input_precision=precision)
+            accumulate_matmul(dy_acc[cols], g.t(), x[rows], alpha=unscale, accumulate=ci > 0,
+                              input_precision=precision)
+        if dx_acc is not dx:
+            dx[rows] = dx_acc[:n_rows]
+    if dy_acc is not dy:
+        dy.copy_(dy_acc)
+    return dx, dy, dscale, drow, dcol
