@@ -1,0 +1,175 @@
+"""The streamed-LSE primitive (affine_lse) and infonce, CPU kernel (both ISA builds) vs a float64 dense reference."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmcl_fast
+from mmcl_fast.backends import cpu as cpu_backend
+from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
+
+ISAS = ["avx512", "scalar"] if cpu_backend._module().has_avx512() else ["scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = cpu_backend.isa()
+    cpu_backend.set_isa(request.param)
+    yield request.param
+    cpu_backend.set_isa(previous)
+
+
+def dense_lse(x, y, scale, row_bias, col_bias):
+    logits = scale[:, None] * (x @ y.T) + row_bias[:, None] + col_bias[None, :]
+    return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (2, 3, 7), (97, 389, 1000), (1000, 4097, 3), (4097, 129, 64),
+                                   (193, 192, 65), (96, 97, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_affine_lse_and_grads_match_reference(isa, n, m, d, dtype):
+    """Per-row scale, row and column biases, arbitrary output weights: every input's gradient."""
+    x = F.normalize(torch.randn(n, d), dim=1).to(dtype)
+    y = F.normalize(torch.randn(m, d), dim=1).to(dtype)
+    scale = torch.rand(n) * 50 + 0.01
+    row_bias, col_bias = torch.randn(n), torch.randn(m)
+    w_row, w_col = torch.randn(n), torch.randn(m)
+    ours = [t.clone().requires_grad_() for t in (x, y, scale, row_bias, col_bias)]
+    row_lse, col_lse = mmcl_fast.affine_lse(*ours, backend="cpu")
+    assert row_lse.dtype == col_lse.dtype == torch.float32
+    ((row_lse * w_row).sum() + (col_lse * w_col).sum()).backward()
+    ref = [t.double().requires_grad_() for t in (x, y, scale, row_bias, col_bias)]
+    ref_row, ref_col = dense_lse(*ref)
+    ((ref_row * w_row.double()).sum() + (ref_col * w_col.double()).sum()).backward()
+    assert_rel_close(row_lse, ref_row, LOSS_RTOL[dtype], "row_lse")
+    assert_rel_close(col_lse, ref_col, LOSS_RTOL[dtype], "col_lse")
+    for ours_t, ref_t, name in zip(ours, ref, ["dx", "dy", "dscale", "drow_bias", "dcol_bias"]):
+        assert ours_t.grad.dtype == ours_t.dtype
+        # scale / bias gradients are fp32 outputs (no rounding to the features' dtype)
+        rtol = GRAD_RTOL[dtype] if name in ("dx", "dy") else GRAD_RTOL[torch.float32] * 10
+        assert_rel_close(ours_t.grad, ref_t.grad, rtol, name)
+
+
+@pytest.mark.parametrize("need_row,need_col", [(True, False), (False, True)])
+def test_one_sided_lse(isa, need_row, need_col):
+    x, y = torch.randn(130, 20), torch.randn(77, 20)
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    row_lse, col_lse = mmcl_fast.affine_lse(xs, ys, 0.5, need_row=need_row, need_col=need_col, backend="cpu")
+    out = row_lse if need_row else col_lse
+    assert (row_lse.numel() == 0) != (col_lse.numel() == 0)
+    out.sum().backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    logits = 0.5 * xr @ yr.T
+    ref = torch.logsumexp(logits, 1 if need_row else 0)
+    ref.sum().backward()
+    assert_rel_close(out, ref, 1e-5, "lse")
+    assert_rel_close(xs.grad, xr.grad, 1e-5, "dx")
+    assert_rel_close(ys.grad, yr.grad, 1e-5, "dy")
+
+
+@pytest.mark.parametrize("per_row_scale", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_infonce_squared_l2(isa, per_row_scale, symmetric):
+    n, d = 150, 10
+    q, k = torch.randn(n, d), torch.randn(n, d)
+    scale = torch.rand(n) + 0.5 if per_row_scale else torch.tensor(0.7)
+    qs, ks, ss = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
+    loss = mmcl_fast.infonce(qs, ks, ss, similarity="sqeuclidean", symmetric=symmetric, backend="cpu")
+    loss.backward()
+    qr, kr, sr = q.double().requires_grad_(), k.double().requires_grad_(), scale.double().requires_grad_()
+    logits = -(sr[:, None] if per_row_scale else sr) * torch.cdist(qr, kr) ** 2
+    target = torch.arange(n)
+    ref = F.cross_entropy(logits, target)
+    if symmetric:
+        ref = 0.5 * (ref + F.cross_entropy(logits.T, target))
+    ref.backward()
+    assert_rel_close(loss, ref, 1e-5, "loss")
+    assert_rel_close(qs.grad, qr.grad, 1e-5, "d query")
+    assert_rel_close(ks.grad, kr.grad, 1e-5, "d keys")
+    assert_rel_close(ss.grad, sr.grad, 1e-5, "d scale")
+
+
+def test_infonce_reduction_none_and_sum():
+    q, k = torch.randn(40, 8), torch.randn(40, 8)
+    rows, cols = mmcl_fast.infonce(q, k, 2.0, reduction="none")
+    logits = 2.0 * q.double() @ k.double().T
+    target = torch.arange(40)
+    assert_rel_close(rows, F.cross_entropy(logits, target, reduction="none"), 1e-5, "row losses")
+    assert_rel_close(cols, F.cross_entropy(logits.T, target, reduction="none"), 1e-5, "col losses")
+    total = mmcl_fast.infonce(q, k, 2.0, reduction="sum", symmetric=False)
+    assert_rel_close(total, F.cross_entropy(logits, target, reduction="sum"), 1e-5, "sum")
+
+
+def test_thread_counts_agree_and_are_each_deterministic():
+    x, y = torch.randn(900, 64), torch.randn(700, 64)
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs = [mmcl_fast.affine_lse(x, y, 3.0, backend="cpu") for _ in range(2)]
+            assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+            results[threads] = runs[0]
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (2, 3):
+        assert_rel_close(results[threads][0], results[1][0], 1e-6, "row_lse across thread counts")
+        assert_rel_close(results[threads][1], results[1][1], 1e-6, "col_lse across thread counts")
+
+
+def test_isa_environment_override():
+    code = "import mmcl_fast.backends.cpu as c; print(c.isa())"
+    env = dict(os.environ, MMCL_FAST_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    env["MMCL_FAST_CPU_ISA"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "MMCL_FAST_CPU_ISA" in bad.stderr
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import sys, torch, mmcl_fast
+    def hwm_kib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    n, d, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+    torch.set_num_threads(2)
+    x = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
+    scale = torch.tensor(14.0, requires_grad=True)
+    # warm up on a tiny problem so that lazy imports / allocator pools are not counted
+    mmcl_fast.clip_loss(x[:8], y[:8], scale).backward()
+    x.grad = y.grad = scale.grad = None
+    base = hwm_kib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    base = min(base, hwm_kib())
+    loss = mmcl_fast.clip_loss(x, y, scale)
+    loss.backward()
+    print(hwm_kib() - base, 2 * x.numel() * x.element_size() // 1024)
+""")
+
+
+def _peak_growth_kib(n, d, dtype="float32"):
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), dtype], capture_output=True,
+                         text=True, check=True)
+    growth, inputs = map(int, out.stdout.split())
+    return growth, inputs
+
+
+def test_no_quadratic_memory():
+    """N=8192, D=64: one N x N fp32 buffer would be 256 MiB; the inputs are 4 MiB."""
+    growth, inputs = _peak_growth_kib(8192, 64)
+    assert growth < 64 * 1024, f"peak RSS grew by {growth / 1024:.1f} MiB (inputs {inputs / 1024:.1f} MiB)"
+
+
+@pytest.mark.slow
+def test_memory_acceptance_n32768_d512():
+    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs."""
+    growth, inputs = _peak_growth_kib(32768, 512)
+    assert growth <= 4 * inputs, f"peak RSS grew by {growth / 1024:.0f} MiB, 4x inputs = {4 * inputs / 1024:.0f} MiB"
