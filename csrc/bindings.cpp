@@ -24,14 +24,29 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
 const mmcl::KernelTable* select_table(const std::string& request) {
     if (request == "scalar") return &mmcl::scalar_table;
     if (request == "avx512") {
         if (!cpu_has_avx512()) throw std::runtime_error("MMCL_FAST_CPU_ISA=avx512 but this CPU lacks AVX-512");
         return &mmcl::avx512_table;
     }
+    if (request == "avx512-bf16") {
+        if (!cpu_has_avx512_bf16())
+            throw std::runtime_error("MMCL_FAST_CPU_ISA=avx512-bf16 but this CPU lacks AVX512-BF16");
+        return &mmcl::avx512bf16_table;
+    }
     if (!request.empty() && request != "auto")
-        throw std::runtime_error("MMCL_FAST_CPU_ISA must be auto, avx512 or scalar, got '" + request + "'");
+        throw std::runtime_error("MMCL_FAST_CPU_ISA must be auto, avx512-bf16, avx512 or scalar, got '" + request +
+                                 "'");
+    if (cpu_has_avx512_bf16()) return &mmcl::avx512bf16_table;
     return cpu_has_avx512() ? &mmcl::avx512_table : &mmcl::scalar_table;
 }
 
@@ -56,10 +71,11 @@ PYBIND11_MODULE(_C, m) {
     const char* env = std::getenv("MMCL_FAST_CPU_ISA");
     active = select_table(env ? env : "auto");
 
-    m.def("isa", []() { return std::string(active->isa); }, "The ISA build in use: 'avx512' or 'scalar'.");
+    m.def("isa", []() { return std::string(active->isa); }, "The ISA build in use: 'avx512-bf16', 'avx512' or 'scalar'.");
     m.def("set_isa", [](const std::string& isa) { active = select_table(isa); return std::string(active->isa); },
-          "Switch the ISA build ('auto', 'avx512', 'scalar'); returns the one now in use.");
+          "Switch the ISA build ('auto', 'avx512-bf16', 'avx512', 'scalar'); returns the one now in use.");
     m.def("has_avx512", &cpu_has_avx512);
+    m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
 
     m.def("lse_forward",
           [](std::uintptr_t x, int64_t x_rs, std::uintptr_t y, int64_t y_rs, int dtype, int64_t n, int64_t mm,

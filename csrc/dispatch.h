@@ -37,5 +37,6 @@ struct KernelTable {
 };
 
 extern const KernelTable avx512_table;
+extern const KernelTable avx512bf16_table;
 extern const KernelTable scalar_table;
 }  // namespace mmcl

@@ -108,9 +108,14 @@ struct Scratch {
     std::vector<float> col_aux;  // NC (per-column scratch: tile max, gradient weights)
     std::vector<float> col_aux2; // NC
     std::vector<float> col_aux3; // NC
-    Scratch(int64_t d, int64_t dp)
+    // bf16 dot-product path: the raw bf16 row block (MC x d2) and the column block packed as (NC / NR) panels of
+    // (d2 / 2) x NR x 2 bf16 pairs, d2 = d rounded up to even (zero-padded).
+    std::vector<uint16_t> x_bf;
+    std::vector<uint16_t> y_pack_bf;
+    Scratch(int64_t d, int64_t dp, bool bf16_dot)
         : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
-          col_aux(NC), col_aux2(NC), col_aux3(NC) {}
+          col_aux(NC), col_aux2(NC), col_aux3(NC), x_bf(bf16_dot ? MC * round_up(d, 2) : 0),
+          y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {}
 };
 
 template <class V>
@@ -119,11 +124,14 @@ struct Kernel {
 
     const Problem& p;
     int64_t dp;                          // d padded to NR
+    int64_t d2;                          // d padded to even (bf16 pairs)
+    bool bf16_dot;                       // bf16 inputs on a CPU with AVX512-BF16: similarity GEMM on bf16 pairs
     int threads;
     std::vector<int64_t> row_groups;     // block-aligned boundaries, size threads + 1
     std::vector<int64_t> col_groups;
 
-    Kernel(const Problem& prob, int nthreads) : p(prob), dp(round_up(prob.d, NR)) {
+    Kernel(const Problem& prob, int nthreads)
+        : p(prob), dp(round_up(prob.d, NR)), d2(round_up(prob.d, 2)), bf16_dot(V::has_bf16_dot && prob.dtype == kBF16) {
         const int64_t row_blocks = (p.n + MC - 1) / MC, col_blocks = (p.m + NC - 1) / NC;
         threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max(row_blocks, col_blocks))));
         row_groups = split(row_blocks, MC, p.n);
@@ -137,27 +145,65 @@ struct Kernel {
         return bounds;
     }
 
-    // Load column block [j0, j0 + nc): fp32 rows (for the gradient GEMMs), NR-wide transposed panels (for the
-    // similarity GEMM) and the block's column biases (-inf past the end).
-    void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_rows) const {
-        load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0, nc, NC, p.d, dp, s.y_blk.data());
+    // Load column block [j0, j0 + nc) and its column biases (-inf past the end). The similarity GEMM reads it as
+    // NR-wide transposed panels (fp32, or bf16 pairs on the bf16 path); the gradient GEMMs read fp32 rows
+    // (`need_f32_rows`).
+    void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_f32_rows) const {
         const int64_t panels = round_up(nc, NR) / NR;
-        for (int64_t q = 0; q < panels; ++q) {
-            float* panel = s.y_pack.data() + q * p.d * NR;
-            for (int64_t c = 0; c < NR; ++c) {
-                const float* row = s.y_blk.data() + (q * NR + c) * dp;
-                for (int64_t k = 0; k < p.d; ++k) panel[k * NR + c] = row[k];
+        if (bf16_dot) {
+            const uint16_t* y = static_cast<const uint16_t*>(p.y);
+            for (int64_t q = 0; q < panels; ++q) {
+                uint16_t* panel = s.y_pack_bf.data() + q * d2 * NR;
+                for (int64_t c = 0; c < NR; ++c) {
+                    const int64_t col = q * NR + c;
+                    const uint16_t* row = y + (j0 + col) * p.y_rs;
+                    for (int64_t k = 0; k < d2; ++k)
+                        panel[(k >> 1) * 2 * NR + 2 * c + (k & 1)] = (col < nc && k < p.d) ? row[k] : 0;
+                }
+            }
+        }
+        if (!bf16_dot || need_f32_rows) load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0, nc, NC, p.d, dp, s.y_blk.data());
+        if (!bf16_dot) {
+            for (int64_t q = 0; q < panels; ++q) {
+                float* panel = s.y_pack.data() + q * p.d * NR;
+                for (int64_t c = 0; c < NR; ++c) {
+                    const float* row = s.y_blk.data() + (q * NR + c) * dp;
+                    for (int64_t k = 0; k < p.d; ++k) panel[k * NR + c] = row[k];
+                }
             }
         }
         for (int64_t c = 0; c < NC; ++c)
             s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
-        (void)need_rows;
+    }
+
+    // Load row block [i0, i0 + mc): fp32 rows for the fp32 similarity GEMM and the gradient GEMMs, raw bf16 rows
+    // for the bf16 similarity GEMM.
+    void load_row_block(Scratch& s, int64_t i0, int64_t mc, bool need_f32_rows) const {
+        if (bf16_dot) {
+            const uint16_t* x = static_cast<const uint16_t*>(p.x);
+            for (int64_t r = 0; r < round_up(mc, MR); ++r) {
+                uint16_t* out = s.x_bf.data() + r * d2;
+                if (r < mc) std::memcpy(out, x + (i0 + r) * p.x_rs, sizeof(uint16_t) * p.d);
+                std::fill(out + (r < mc ? p.d : 0), out + d2, uint16_t(0));
+            }
+        }
+        if (!bf16_dot || need_f32_rows)
+            load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
     }
 
     // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
     void similarity_tile(Scratch& s, int64_t mc, int64_t nc) const {
         const int64_t mpad = round_up(mc, MR), npad = round_up(nc, NR);
         for (int64_t q = 0; q < npad / NR; ++q) {
+            if constexpr (V::has_bf16_dot) {
+                if (bf16_dot) {
+                    const uint16_t* panel = s.y_pack_bf.data() + q * d2 * NR;
+                    for (int64_t i = 0; i < mpad; i += MR)
+                        V::template bf16_dot_kernel<MR, NRV>(d2 / 2, s.x_bf.data() + i * d2, d2, panel,
+                                                             s.tile.data() + i * NC + q * NR, NC);
+                    continue;
+                }
+            }
             const float* panel = s.y_pack.data() + q * p.d * NR;
             for (int64_t i = 0; i < mpad; i += MR)
                 micro_kernel<V>(p.d, s.x_blk.data() + i * dp, dp, 1, panel, NR, s.tile.data() + i * NC + q * NR, NC,
@@ -182,7 +228,7 @@ struct Kernel {
 #else
             const int t = 0;
 #endif
-            Scratch s(p.d, dp);
+            Scratch s(p.d, dp, bf16_dot);
             for (int step = 0; step < threads; ++step) {
                 const int cg = (t + step) % threads;
                 for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
@@ -190,7 +236,7 @@ struct Kernel {
                     load_col_block(s, j0, nc, false);
                     for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
                         const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
-                        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+                        load_row_block(s, i0, mc, false);
                         similarity_tile(s, mc, nc);
                         forward_tile(s, i0, mc, j0, nc, need_row, need_col, row_max.data() + i0, row_sum.data() + i0,
                                      col_max.data() + j0, col_sum.data() + j0);
@@ -286,7 +332,7 @@ struct Kernel {
 #else
             const int t = 0;
 #endif
-            Scratch s(p.d, dp);
+            Scratch s(p.d, dp, bf16_dot);
             for (int step = 0; step < threads; ++step) {
                 const int cg = (t + step) % threads;
                 for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
@@ -294,7 +340,7 @@ struct Kernel {
                     load_col_block(s, j0, nc, true);
                     for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
                         const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
-                        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+                        load_row_block(s, i0, mc, true);
                         similarity_tile(s, mc, nc);
                         backward_tile(s, i0, mc, j0, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
                                       lse_c.data() + j0, g_c.data() + j0, const_c.data() + j0, use_col, ex, dscale,

@@ -4,11 +4,43 @@
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
+#include <cstring>
 
 namespace mmcl { namespace MMCL_ISA {
 struct VecAvx512 {
     using type = __m512;
+#ifdef __AVX512BF16__
+    static constexpr const char* name = "avx512-bf16";
+    static constexpr bool has_bf16_dot = true;
+
+    // C[r, 0:16*NRV] = sum_kp A(r, kp) . B(kp, :) over bf16 pairs with vdpbf16ps (exact products, fp32 sums).
+    // A: rows of bf16 at stride a_rs (pairs read as one 32-bit broadcast); B: panel of kpairs x (16*NRV) pairs.
+    template <int MR_, int NRV_>
+    static inline void bf16_dot_kernel(int64_t kpairs, const uint16_t* a, int64_t a_rs, const uint16_t* b,
+                                       float* c, int64_t c_rs) {
+        __m512 acc[MR_][NRV_];
+        for (int r = 0; r < MR_; ++r)
+            for (int v = 0; v < NRV_; ++v) acc[r][v] = _mm512_setzero_ps();
+        for (int64_t kp = 0; kp < kpairs; ++kp) {
+            __m512bh bv[NRV_];
+            for (int v = 0; v < NRV_; ++v)
+                bv[v] = (__m512bh)_mm512_loadu_si512(b + kp * 32 * NRV_ + 32 * v);
+            for (int r = 0; r < MR_; ++r) {
+                int32_t pair;
+                std::memcpy(&pair, a + r * a_rs + 2 * kp, sizeof(pair));
+                const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                for (int v = 0; v < NRV_; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+            }
+        }
+        for (int r = 0; r < MR_; ++r)
+            for (int v = 0; v < NRV_; ++v) _mm512_storeu_ps(c + r * c_rs + 16 * v, acc[r][v]);
+    }
+#else
     static constexpr const char* name = "avx512";
+    static constexpr bool has_bf16_dot = false;
+    template <int MR_, int NRV_>
+    static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
+#endif
 
     static inline type zero() { return _mm512_setzero_ps(); }
     static inline type set1(float v) { return _mm512_set1_ps(v); }

@@ -12,6 +12,9 @@ namespace mmcl { namespace MMCL_ISA {
 struct VecScalar {
     struct type { float v[16]; };
     static constexpr const char* name = "scalar";
+    static constexpr bool has_bf16_dot = false;
+    template <int MR_, int NRV_>
+    static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
 
     static inline type zero() { type r; for (int i = 0; i < 16; ++i) r.v[i] = 0.0f; return r; }
     static inline type set1(float s) { type r; for (int i = 0; i < 16; ++i) r.v[i] = s; return r; }

@@ -12,7 +12,8 @@ import mmcl_fast
 from mmcl_fast.backends import cpu as cpu_backend
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
-ISAS = ["avx512", "scalar"] if cpu_backend._module().has_avx512() else ["scalar"]
+_C = cpu_backend._module()
+ISAS = (["avx512-bf16"] if _C.has_avx512_bf16() else []) + (["avx512"] if _C.has_avx512() else []) + ["scalar"]
 
 
 @pytest.fixture(params=ISAS)

@@ -2,8 +2,9 @@
 
 Forward: one sweep over MC x NC tiles gives row and column LSE (1 N*M*D GEMM-equivalent). Backward: one
 recompute sweep gives dX, dY, dscale, drow_bias, dcol_bias (3 GEMM-equivalents). Memory: O((N + M) * D) fp32
-gradient accumulators plus per-thread tiles; never N x M. bf16/fp16 features are read as they are (converted
-to fp32 one tile at a time), all accumulation is fp32. Threads: `torch.get_num_threads()`.
+gradient accumulators plus per-thread tiles; never N x M. bf16/fp16 features are read as they are: on a CPU with
+AVX512-BF16 the similarity GEMM runs on bf16 pairs (vdpbf16ps: exact products, fp32 sums); otherwise, and for
+the gradient GEMMs, blocks are converted to fp32 one tile at a time. All accumulation is fp32. Threads: `torch.get_num_threads()`.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The ISA build of the kernel in use ('avx512' or 'scalar')."""
+    """The ISA build of the kernel in use ('avx512-bf16', 'avx512' or 'scalar')."""
     return _module().isa()
 
 
 def set_isa(name: str) -> str:
-    """Force an ISA build ('auto', 'avx512', 'scalar'); returns the one now in use."""
+    """Force an ISA build ('auto', 'avx512-bf16', 'avx512', 'scalar'); returns the one now in use."""
     return _module().set_isa(name)
 
 
