@@ -1,0 +1,176 @@
+"""`mmcl-fast bench`: how much faster and lighter mmcl_fast is, measured on this machine.
+
+    mmcl-fast bench                          # quick run (< 3 min on a 2-core CPU): table, results.json, PNGs
+    mmcl-fast bench --full --out results/    # the long sweep (the GPU sweep on CUDA)
+    mmcl-fast bench --sizes 4096,8192 --dim 768 --dtype bf16 --impls mmcl_fast,open_clip
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from .impls import DTYPES, LOSSES
+
+_SIZE_UNITS = {"": 2**30, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+               "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+class UsageError(ValueError):
+    """A bad flag value found after parsing (the message names the flag)."""
+
+
+def _int_list(flag: str):
+    def parse(text: str) -> list[int]:
+        values = []
+        for item in text.split(","):
+            item = item.strip()
+            if not re.fullmatch(r"\d+", item) or int(item) < 1:
+                raise argparse.ArgumentTypeError(
+                    f"{flag} takes comma-separated positive integers, e.g. 1024,4096; got {text!r}")
+            values.append(int(item))
+        return values
+    return parse
+
+
+def _choice_list(flag: str, choices):
+    def parse(text: str) -> list[str]:
+        values = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown {flag} {', '.join(map(repr, unknown)) or repr(text)}; choose from: {', '.join(choices)}")
+        return values
+    return parse
+
+
+def parse_mem_budget(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '2' (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--mem-budget takes a positive size such as 2GiB, 512MiB or 1.5 (GiB); got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark mmcl_fast against open_clip and a dense baseline on this machine",
+        description="Time and peak memory of one forward+backward of a contrastive loss, mmcl_fast vs open_clip "
+                    "(ClipLoss), a naive dense loss and, on CUDA, Inf-CL. Writes results.json and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="bench-out", help="output directory (created if missing)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when a GPU is available, else cpu")
+    parser.add_argument("--loss", default=["clip"], type=_choice_list("--loss", LOSSES), metavar="|".join(LOSSES),
+                        help="loss(es) to benchmark, comma-separated")
+    parser.add_argument("--impls", default=None, metavar="NAME,...",
+                        help="implementations to compare (default: all that run on the device)")
+    parser.add_argument("--sizes", type=_int_list("--sizes"), default=None, metavar="N,N,...",
+                        help="batch sizes (default: 1024..16384 on CPU; --full: the long sweep)")
+    parser.add_argument("--dim", type=_int_list("--dim"), default=None, metavar="D[,D...]",
+                        help="feature size(s) (default 512)")
+    parser.add_argument("--dtype", type=_choice_list("--dtype", DTYPES), default=None, metavar="|".join(DTYPES),
+                        help="feature dtype(s), comma-separated (default: fp32,bf16 on CPU, bf16 on CUDA)")
+    parser.add_argument("--full", action="store_true",
+                        help="the long sweep: CPU N up to 32768 and D in {512, 1024}; CUDA N in {8192, 32768, "
+                             "131072, 524288}, D in {512, 768, 1024}, bf16")
+    parser.add_argument("--mem-budget", type=parse_mem_budget, default=None, metavar="SIZE",
+                        help="a run whose estimated peak exceeds this is recorded as skipped (default: 2GiB on "
+                             "CPU, 90%% of GPU memory on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats after the warm-up (default: adaptive, median reported)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"),
+                        help="mmcl_fast backend")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random features")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=main)
+    return parser
+
+
+def _check_out(path: str) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+    return out
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def build_config(args: argparse.Namespace):
+    """Validate the parsed flags and turn them into a BenchConfig (raises UsageError naming the flag)."""
+    from .runner import BenchConfig, impls_for
+    device = _resolve_device(args.device)
+    for flag, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
+    triton_on_cpu = os.environ.get("TRITON_INTERPRET") == "1"
+    if (args.backend == "cpu" and device != "cpu") or (args.backend == "triton" and device != "cuda"
+                                                       and not triton_on_cpu):
+        raise UsageError(f"--backend {args.backend} cannot run on --device {device}")
+    impls = None
+    if args.impls is not None:
+        impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+        if not impls:
+            raise UsageError("--impls: give at least one implementation name")
+    config = BenchConfig(out=Path(args.out), device=device, losses=args.loss, impls=impls, sizes=args.sizes,
+                         dims=args.dim, dtypes=args.dtype, full=args.full, mem_budget_bytes=args.mem_budget,
+                         repeats=args.repeats, backend=args.backend, seed=args.seed, threads=args.threads,
+                         plots=not args.no_plot)
+    for loss in config.losses:
+        try:
+            runnable, unavailable = impls_for(config, loss)
+        except ValueError as exc:
+            raise UsageError(f"--impls: {exc}") from None
+        if impls is not None and unavailable:
+            raise UsageError("--impls: " + "; ".join(f"{name} cannot run here: {why}"
+                                                     for name, why in unavailable.items()))
+        if not runnable:
+            raise UsageError(f"no implementation of loss {loss!r} can run on {device}")
+    config.out = _check_out(args.out)
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    try:
+        config = build_config(args)
+    except UsageError as exc:
+        print(f"mmcl-fast bench: error: {exc}", file=sys.stderr)
+        return 2
+    from .report import print_report, report_console
+    from .runner import run
+    results = run(config, progress_console=Console(stderr=True), show_progress=not args.quiet)
+    console = report_console()
+    print_report(results, console)
+    out = config.out
+    console.print(f"results: {out / 'results.json'}")
+    for plot in results.get("plots", []):
+        console.print(f"plot:    {plot}")
+    errors = [r for r in results["records"] if r["status"] == "error"]
+    if errors:
+        for rec in errors:
+            print(f"mmcl-fast bench: {rec['impl']} n={rec['n']} d={rec['d']} {rec['dtype']} failed: {rec['note']}",
+                  file=sys.stderr)
+        return 1
+    return 0

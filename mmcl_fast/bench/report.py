@@ -1,0 +1,92 @@
+"""The terminal report of a benchmark run: one rich table per (loss, D, dtype), a row per (N, impl)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+STATUS_STYLE = {"ok": "green", "skipped": "yellow", "oom": "red", "error": "bold red"}
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _short(note: str | None, width: int = 60) -> str:
+    if not note:
+        return ""
+    note = note.splitlines()[0]
+    return note if len(note) <= width else note[:width - 1] + "…"
+
+
+def machine_line(machine: dict) -> str:
+    versions = machine.get("versions", {})
+    parts = [machine.get("cpu") or "?", f"{machine.get('cores')} cores", f"{machine.get('torch_threads')} threads"]
+    if machine.get("cuda") and machine.get("device", "").startswith("cuda"):
+        parts.append(machine["cuda"][0]["name"])
+    if machine.get("cpu_kernel_isa"):
+        parts.append(f"CPU kernel {machine['cpu_kernel_isa']}")
+    parts.append(f"torch {versions.get('torch')}")
+    if machine.get("git_commit"):
+        parts.append(f"commit {machine['git_commit'][:12]}")
+    return ", ".join(parts)
+
+
+def tables(results: dict) -> list[Table]:
+    machine, records = results["machine"], results["records"]
+    ceiling = machine.get("matmul_gflops", {})
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        groups.setdefault((rec["loss"], rec["d"], rec["dtype"]), []).append(rec)
+    anchors = {loss: results.get("anchors", {}).get(loss, "open_clip") for loss, _, _ in groups}
+    out = []
+    for (loss, d, dtype), recs in groups.items():
+        rate = ceiling.get(dtype)
+        title = (f"{loss} fwd+bwd, D={d}, {dtype}, {machine.get('device')}"
+                 + (f" (torch matmul {rate:,.0f} GFLOP/s)" if rate else "")
+                 + f" · speedup, mem. saving = {anchors[loss]} ÷ impl")
+        table = Table(title=title, title_justify="left")
+        for name, justify in (("N", "right"), ("impl", "left"), ("status", "left"), ("time", "right"),
+                              ("speedup", "right"), ("peak MiB", "right"), ("mem. saving", "right"),
+                              ("rel. err", "right"), ("GFLOP/s", "right"), ("% matmul", "right"),
+                              ("note", "left")):
+            table.add_column(name, justify=justify, overflow="fold", no_wrap=name != "note")
+        previous_n = None
+        for rec in sorted(recs, key=lambda r: (r["n"], r["impl"] != "mmcl_fast", r["impl"])):
+            if previous_n is not None and rec["n"] != previous_n:
+                table.add_section()
+            previous_n = rec["n"]
+            status = rec["status"]
+            table.add_row(
+                str(rec["n"]), rec["impl"], f"[{STATUS_STYLE.get(status, '')}]{status}[/]",
+                _seconds(rec["seconds"]), _ratio(rec["speedup"]), _fmt(rec["peak_mib"], ",.1f"),
+                _ratio(rec["memory_ratio"]), _fmt(rec["rel_err"], ".1e"), _fmt(rec["gflops"], ",.1f"),
+                _fmt(None if rec["ceiling_frac"] is None else 100 * rec["ceiling_frac"], ".0f") +
+                ("%" if rec["ceiling_frac"] is not None else ""),
+                _short(rec["note"]))
+        out.append(table)
+    return out
+
+
+def report_console() -> Console:
+    """stdout; at least 150 columns when it is not a terminal (a file or a pipe), so rows do not wrap."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 150))
+    return console
+
+
+def print_report(results: dict, console: Console | None = None) -> None:
+    console = console or report_console()
+    for table in tables(results):
+        console.print(table)
+    console.print(f"[dim]{machine_line(results['machine'])}[/dim]")

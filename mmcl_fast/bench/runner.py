@@ -1,0 +1,260 @@
+"""The sweep: plan the records, run each one, write ``results.json``, the plots and the table.
+
+A record is one (loss, impl, N, D, dtype, device). Per (loss, D, dtype) the sizes run in increasing N, so a
+dense baseline is seen to grow until its estimated peak crosses the memory budget (then ``skipped``, never run
+into swap) or it fails to allocate (``oom``, and larger N are skipped). Every impl of a problem gets the very
+same inputs (saved once to a temporary file) and is checked against one float64 reference of the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .impls import DTYPES, get_loss
+from .machine import describe
+from .measure import measure, measure_isolated
+
+MIB = 2**20
+GIB = 2**30
+DEFAULT_CPU_BUDGET = 2 * GIB
+CUDA_BUDGET_FRACTION = 0.9
+
+# (sizes, dims, dtypes) per (device type, full?)
+SWEEPS = {
+    ("cpu", False): ([1024, 2048, 4096, 8192, 16384], [512], ["fp32", "bf16"]),
+    ("cpu", True): ([1024, 2048, 4096, 8192, 16384, 32768], [512, 1024], ["fp32", "bf16"]),
+    ("cuda", False): ([4096, 16384, 65536, 262144], [512], ["bf16"]),
+    ("cuda", True): ([8192, 32768, 131072, 524288], [512, 768, 1024], ["bf16"]),
+}
+# timed repeats after the warm-up call: enough to fill target_seconds, within [min_repeats, max_repeats];
+# per (device type, full?)
+TIMING = {
+    ("cpu", False): {"target_seconds": 3.0, "min_repeats": 1, "max_repeats": 5},
+    ("cpu", True): {"target_seconds": 5.0, "min_repeats": 3, "max_repeats": 20},
+    ("cuda", False): {"target_seconds": 1.0, "min_repeats": 5, "max_repeats": 100},
+    ("cuda", True): {"target_seconds": 2.0, "min_repeats": 10, "max_repeats": 200},
+}
+RECORD_TIMEOUT_SECONDS = 3600
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    device: str = "cpu"
+    losses: list = field(default_factory=lambda: ["clip"])
+    impls: list | None = None  # None: every impl that can run on the device
+    sizes: list | None = None  # None: the sweep's default for the device
+    dims: list | None = None
+    dtypes: list | None = None
+    full: bool = False
+    mem_budget_bytes: int | None = None  # None: 2 GiB on CPU, 90% of the GPU's memory on CUDA
+    repeats: int | None = None  # fixed number of timed repeats (default: adaptive, see TIMING)
+    backend: str = "auto"  # mmcl_fast's backend
+    seed: int = 0
+    threads: int | None = None
+    plots: bool = True
+
+    def resolved(self) -> BenchConfig:
+        """A copy with every default filled in for the device."""
+        sizes, dims, dtypes = SWEEPS[(self.device, self.full)]
+        budget = self.mem_budget_bytes
+        if budget is None:
+            if self.device == "cuda":
+                budget = int(CUDA_BUDGET_FRACTION * torch.cuda.get_device_properties(0).total_memory)
+            else:
+                budget = DEFAULT_CPU_BUDGET
+        return dataclasses.replace(self, sizes=list(self.sizes or sizes), dims=list(self.dims or dims),
+                                   dtypes=list(self.dtypes or dtypes), mem_budget_bytes=budget)
+
+    def timing(self) -> dict:
+        timing = dict(TIMING[(self.device, self.full)])
+        if self.repeats:
+            timing["repeats"] = self.repeats
+        return timing
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out)
+        data["timing"] = self.timing()
+        return data
+
+
+def impls_for(config: BenchConfig, loss_name: str) -> tuple[list[str], dict[str, str]]:
+    """(impls that run, {impl: reason} for those that cannot run on this device)."""
+    loss = get_loss(loss_name)
+    device = torch.device(config.device)
+    wanted = config.impls or list(loss.impls)
+    unknown = [name for name in wanted if name not in loss.impls]
+    if unknown:
+        raise ValueError(f"unknown impl(s) {', '.join(unknown)} for loss {loss_name!r}; "
+                         f"choose from: {', '.join(loss.impls)}")
+    # feature-size limits (inf_cl's head size) are checked per record; here only "can it run at all"
+    probe_dim = 256
+    unavailable = {name: reason for name in wanted
+                   if (reason := loss.impls[name].unavailable(device, probe_dim)) is not None}
+    return [name for name in wanted if name not in unavailable], unavailable
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as out:
+        json.dump(data, out, indent=1)
+    os.replace(tmp, path)
+
+
+def _record(loss: str, impl: str, n: int, d: int, dtype: str, device: str, estimate: int) -> dict:
+    return {"loss": loss, "impl": impl, "n": n, "m": n, "d": d, "dtype": dtype, "device": device,
+            "status": "skipped", "seconds": None, "first_seconds": None, "repeats": 0, "peak_mib": None,
+            "estimated_mib": round(estimate / MIB, 1), "rel_err": None, "loss_value": None,
+            "reference_loss": None, "gflops": None, "ceiling_frac": None, "speedup": None,
+            "memory_ratio": None, "over_budget": False, "note": None}
+
+
+def _add_ratios(records: list[dict], anchors: dict[str, str]) -> None:
+    """speedup = anchor time / time and memory_ratio = anchor peak / peak, against the same problem's anchor."""
+    by_problem = {}
+    for rec in records:
+        if rec["status"] == "ok":
+            by_problem[(rec["loss"], rec["impl"], rec["n"], rec["d"], rec["dtype"])] = rec
+    for rec in records:
+        anchor = by_problem.get((rec["loss"], anchors.get(rec["loss"]), rec["n"], rec["d"], rec["dtype"]))
+        if rec["status"] != "ok" or anchor is None:
+            continue
+        rec["speedup"] = round(anchor["seconds"] / rec["seconds"], 3) if rec["seconds"] else None
+        if rec["peak_mib"] and anchor["peak_mib"]:
+            rec["memory_ratio"] = round(anchor["peak_mib"] / rec["peak_mib"], 2)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def update(self, *args, **kwargs):
+        pass
+
+
+def run(config: BenchConfig, *, progress_console=None, show_progress: bool = True) -> dict:
+    """Run the sweep described by `config` (already validated, see cli.py); returns the results dict.
+
+    Writes ``config.out/results.json`` after every record (a long sweep that is stopped keeps what it
+    measured), then the PNG plots.
+    """
+    config = config.resolved()
+    device = torch.device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    machine = describe(device, config.dtypes, sizes=config.sizes, dims=config.dims)
+    machine["mem_budget_mib"] = round(config.mem_budget_bytes / MIB, 1)
+    plan = {loss: impls_for(config, loss) for loss in config.losses}
+    machine["unavailable_impls"] = {loss: unavailable for loss, (_, unavailable) in plan.items() if unavailable}
+    results = {"machine": machine, "config": config.to_json(),
+               "anchors": {name: get_loss(name).anchor for name in config.losses}, "records": []}
+    records = results["records"]
+    results_path = out / "results.json"
+    total = sum(len(impls) for impls, _ in plan.values()) * len(config.sizes) * len(config.dims) * \
+        len(config.dtypes)
+
+    if show_progress:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=progress_console, transient=False)
+    else:
+        progress = _NoProgress()
+    scratch = Path(tempfile.mkdtemp(prefix="mmcl-fast-bench-"))
+    try:
+        with progress:
+            task = progress.add_task("benchmark", total=total)
+            for loss_name, (impl_names, _) in plan.items():
+                loss = get_loss(loss_name)
+                for d in config.dims:
+                    for dtype_name in config.dtypes:
+                        failed_at: dict[str, int] = {}
+                        for n in sorted(config.sizes):
+                            inputs_path, reference = None, None
+                            for impl_name in impl_names:
+                                impl = loss.impls[impl_name]
+                                dtype = DTYPES[dtype_name]
+                                estimate = impl.estimate_bytes(n, n, d, dtype)
+                                rec = _record(loss_name, impl_name, n, d, dtype_name, config.device, estimate)
+                                progress.update(task, description=f"{loss_name} {impl_name:>9} n={n} d={d} "
+                                                                  f"{dtype_name}")
+                                reason = impl.unavailable(device, d)
+                                if reason is None and impl_name in failed_at:
+                                    reason = f"out of memory at n={failed_at[impl_name]}"
+                                if reason is None and estimate > config.mem_budget_bytes:
+                                    rec["over_budget"] = True
+                                    reason = (f"estimated {estimate / GIB:.2f} GiB > memory budget "
+                                              f"{config.mem_budget_bytes / GIB:.2f} GiB")
+                                if reason is not None:
+                                    rec["note"] = reason
+                                else:
+                                    if inputs_path is None:
+                                        inputs = loss.make_inputs(n, d, dtype, config.seed)
+                                        inputs_path = scratch / f"{loss_name}_{n}_{d}_{dtype_name}.pt"
+                                        torch.save(inputs, inputs_path)
+                                        reference = loss.reference(
+                                            {k: v.to(device) for k, v in inputs.items()}, loss.params)
+                                        del inputs
+                                    job = {"loss": loss_name, "impl": impl_name, "n": n, "d": d,
+                                           "dtype": dtype_name, "device": config.device,
+                                           "inputs_path": str(inputs_path), "options": {"backend": config.backend},
+                                           "timing": config.timing(), "threads": config.threads}
+                                    if device.type == "cpu":
+                                        result = measure_isolated(job, RECORD_TIMEOUT_SECONDS)
+                                    else:
+                                        result = measure(job)
+                                    _fill(rec, result, reference, loss.flops(n, n, d),
+                                          machine["matmul_gflops"].get(dtype_name))
+                                    if rec["status"] == "oom":
+                                        failed_at[impl_name] = n
+                                records.append(rec)
+                                _write_json(results_path, results)
+                                progress.update(task, advance=1)
+                            if inputs_path is not None:
+                                inputs_path.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _add_ratios(records, results["anchors"])
+    _write_json(results_path, results)
+    if config.plots:
+        from .plot import plot_results
+        results["plots"] = [str(p) for p in plot_results(results, out)]
+    return results
+
+
+def _fill(rec: dict, result: dict, reference: float, flops: int, ceiling_gflops: float | None) -> None:
+    rec["status"] = result.get("status", "error")
+    rec["reference_loss"] = reference
+    if result.get("peak_bytes") is not None:
+        rec["peak_mib"] = round(result["peak_bytes"] / MIB, 2)
+    rec["peak_method"] = result.get("peak_method")
+    if result.get("loss_value") is not None:
+        rec["loss_value"] = result["loss_value"]
+        rec["rel_err"] = abs(result["loss_value"] - reference) / abs(reference) if reference else None
+    if rec["status"] == "ok":
+        rec["seconds"] = result["seconds"]
+        rec["first_seconds"] = result["first_seconds"]
+        rec["repeats"] = len(result["times"])
+        rec["gflops"] = round(flops / result["seconds"] / 1e9, 2)
+        if ceiling_gflops:
+            rec["ceiling_frac"] = round(rec["gflops"] / ceiling_gflops, 4)
+    if result.get("error"):
+        rec["note"] = result["error"]
+    if result.get("traceback"):
+        rec["traceback"] = result["traceback"]
