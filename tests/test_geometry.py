@@ -69,6 +69,30 @@ def test_near_aligned_keeps_accuracy(dtype, with_aug):
     _check(views, dtype, min(NEAR_ALIGNED_RTOL, LOSS_RTOL[dtype]), GRAD_RTOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotated_views_cancel_exactly(dtype):
+    """Views that are an orthogonal map of the originals (a = v R, b = w R) have the same Gram structure, so
+    L^a_GC = 0 although its Gram parts are O(N): the loss is then the small near-aligned L_GC alone, which
+    only float64 Grams resolve. The views' gradients are exactly 0 in exact arithmetic; their error is measured
+    against the size of the two terms that cancel, 4 (a a^T) a / N."""
+    n, d = 120, 16
+    image, text = (v.detach() for v in _views(n, d, torch.float64, noise=1e-3, with_aug=False))
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    views = [image, text, image @ rotation, text @ rotation]
+    views = [v.to(dtype).requires_grad_(True) for v in views]
+    loss = geometric_consistency_loss(*views)
+    grads = torch.autograd.grad(loss, views)
+    ref = [v.detach().double().requires_grad_(True) for v in views]
+    expected = dense_gc(*ref)
+    expected_grads = torch.autograd.grad(expected, ref)
+    assert_rel_close(loss, expected, LOSS_RTOL[dtype], "loss")
+    for name, grad, expected_grad, view in zip(["d_image", "d_text", "d_image_aug", "d_text_aug"], grads,
+                                               expected_grads, ref):
+        view = view.detach()
+        floor = 4 * (view @ (view.T @ view)).abs().max().item() / n
+        assert_rel_close(grad, expected_grad, GRAD_RTOL[dtype], name, floor=floor)
+
+
 def test_zero_when_views_coincide():
     image = _unit(20, 9)
     assert geometric_consistency_loss(image, image, image, image).item() == 0.0

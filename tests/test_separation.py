@@ -36,7 +36,7 @@ def _leaves64(tensors):
     return [t.detach().double().requires_grad_(True) for t in tensors]
 
 
-def _check(loss_fn, dense_fn, tensors, dtype, names, loss_floor=0.0, grad_floors=None):
+def _check(loss_fn, dense_fn, tensors, dtype, names, grad_floors=None):
     """Loss and every input gradient vs the float64 dense reference on the same rounded inputs. The floors are the
     sizes of the terms that cancel in a quantity that can come out near 0 (tests/tolerances.py, `floor`)."""
     grad_floors = grad_floors or [0.0] * len(tensors)
@@ -46,7 +46,7 @@ def _check(loss_fn, dense_fn, tensors, dtype, names, loss_floor=0.0, grad_floors
     ref = _leaves64(tensors)
     expected = dense_fn(*ref)
     expected_grads = torch.autograd.grad(expected, ref)
-    assert_rel_close(loss, expected, LOSS_RTOL[dtype], "loss", floor=loss_floor)
+    assert_rel_close(loss, expected, LOSS_RTOL[dtype], "loss")
     for name, grad, expected_grad, tensor, floor in zip(names, grads, expected_grads, tensors, grad_floors):
         assert grad.dtype == tensor.dtype
         assert_rel_close(grad, expected_grad, GRAD_RTOL[tensor.dtype], name, floor=floor)
@@ -78,10 +78,7 @@ def dense_separation(image, text, image_indep, text_indep, image_indep_aug, text
 
 def _uniformity_case(n, d, dtype, backend, t=2.0):
     x = _unit(n, d, dtype, _device(backend))
-    # log of a mean of terms <= 1: its natural size is the pair logits' range, 4t for unit rows (the value itself
-    # can come near 0 when the points cluster, and is exactly 0 for N = 1).
-    _check(lambda v: uniformity_loss(v, t, backend=backend), lambda v: dense_uniformity(v, t), [x], dtype, ["d_x"],
-           loss_floor=4 * float(t))
+    _check(lambda v: uniformity_loss(v, t, backend=backend), lambda v: dense_uniformity(v, t), [x], dtype, ["d_x"])
 
 
 @pytest.mark.parametrize("n,d", SIZES)
@@ -108,7 +105,7 @@ def test_uniformity_temperature_and_its_gradient(backend):
     x = _unit(29, 6, torch.float32, _device(backend))
     t = torch.tensor(10.0, device=x.device, requires_grad=True)
     _check(lambda v, tt: uniformity_loss(v, tt, backend=backend), dense_uniformity, [x, t], torch.float32,
-           ["d_x", "d_t"], loss_floor=40.0, grad_floors=[0.0, 2.0])
+           ["d_x", "d_t"], grad_floors=[0.0, 2.0])
 
 
 def test_uniformity_of_identical_points_is_zero_and_spread_is_negative():
@@ -134,20 +131,18 @@ def _separation_inputs(n, d, dtype, device="cpu"):
 SEPARATION_NAMES = ["d_image", "d_text", "d_image_indep", "d_text_indep", "d_image_indep_aug", "d_text_indep_aug"]
 
 
-def _infonce_floors(tensors, temperature):
-    """The InfoNCE terms are lse_i - positive_i with logits of size 1/tau, and their gradients
-    (sum_j p_ij y_j - y_i) / (tau N): both cancel when the positives dominate (e.g. N = 2, D = 1), so their errors
-    are measured against the size of the parts, 1/tau and max|y| / (tau N)."""
+def _infonce_grad_floors(tensors, temperature):
+    """The InfoNCE gradients (sum_j p_ij y_j - y_i) / (tau N) cancel when the positives dominate (e.g. N = 2,
+    D = 1, where they are ~1e-12): their errors are measured against the size of the parts, max|y| / (tau N)."""
     n = tensors[0].shape[0]
     part = [t.detach().abs().max().item() / (temperature * n) for t in tensors]
-    return 1 / temperature, [0.0, 0.0, part[4], part[5], part[2], part[3]]
+    return [0.0, 0.0, part[4], part[5], part[2], part[3]]
 
 
 def _separation_case(n, d, dtype, backend):
     tensors = _separation_inputs(n, d, dtype, _device(backend))
-    loss_floor, grad_floors = _infonce_floors(tensors, 0.07)
     _check(lambda *z: feature_separation_loss(*z, backend=backend), dense_separation, tensors, dtype,
-           SEPARATION_NAMES, loss_floor=loss_floor, grad_floors=grad_floors)
+           SEPARATION_NAMES, grad_floors=_infonce_grad_floors(tensors, 0.07))
 
 
 @pytest.mark.parametrize("n,d", SIZES)
@@ -168,10 +163,9 @@ def test_separation_matches_reference_kernel_backend(n, d, dtype, backend):
 def test_separation_temperature_tensor_and_t():
     tensors = _separation_inputs(19, 8, torch.float64)
     temperature = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    loss_floor, grad_floors = _infonce_floors(tensors, 0.2)
     _check(lambda *z: feature_separation_loss(*z[:6], z[6], 3.0, backend="reference"),
            lambda *z: dense_separation(*z[:6], z[6], 3.0), tensors + [temperature], torch.float64,
-           SEPARATION_NAMES + ["d_temperature"], loss_floor=loss_floor, grad_floors=grad_floors + [0.0])
+           SEPARATION_NAMES + ["d_temperature"], grad_floors=_infonce_grad_floors(tensors, 0.2) + [0.0])
 
 
 def test_modules_match_functions():
@@ -218,7 +212,8 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.slow
 def test_uniformity_no_quadratic_memory():
     """N=65536, D=256 fp32 forward+backward on the CPU kernel: peak RSS growth well under 6x the input
-    (one N x N fp32 matrix would be 16 GiB)."""
+    (one N x N fp32 matrix would be 16 GiB). x plays both sides of the primitive, so its backward holds dx and dy
+    and, inside the CPU kernel, their fp32 accumulators: about 4x the input, all O(N*D)."""
     from rss import peak_rss_growth
     probe = peak_rss_growth("""
         import torch, mmcl_fast
@@ -232,4 +227,4 @@ def test_uniformity_no_quadratic_memory():
     ratio = probe["growth_bytes"] / probe["input_bytes"]
     print(f"uniformity N=65536 D=256: peak RSS growth {probe['growth_bytes'] / 2**20:.0f} MiB "
           f"= {ratio:.2f} x input ({probe['input_bytes'] / 2**20:.0f} MiB)")
-    assert ratio < 4.0, f"peak RSS growth {ratio:.2f} x the input"
+    assert ratio < 4.5, f"peak RSS growth {ratio:.2f} x the input"
