@@ -145,6 +145,9 @@ def build_config(args: argparse.Namespace):
         if impls is not None and unavailable:
             raise UsageError("--impls: " + "; ".join(f"{name} cannot run here: {why}"
                                                      for name, why in unavailable.items()))
+        if impls is None and "mmcl_fast" in unavailable:  # a comparison without the subject is no comparison
+            raise UsageError(f"mmcl_fast cannot run on --device {device}: {unavailable['mmcl_fast']} "
+                             "(see `mmcl-fast info`)")
         if not runnable:
             raise UsageError(f"no implementation of loss {loss!r} can run on {device}")
     config.out = _check_out(args.out)

@@ -55,16 +55,23 @@ def _plot_metric(results: dict, path: Path, key: str, ylabel: str, title: str) -
             ax.axhline(budget_mib, color="gray", linestyle="--", linewidth=1, label="memory budget")
         ax.set_xscale("log", base=2)
         sizes = sorted({r["n"] for r in recs})
-        ax.set_xticks(sizes, [f"{n:,}" if n < 10_000 else f"{n // 1024}k" for n in sizes])
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes], rotation=30 if len(sizes) > 6 else 0)
         ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("batch size N")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{loss}, D={d}, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # one legend for the figure, below the panels, so it never hides a line
+    legend = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     fig.suptitle(f"{title}\n{machine_line(results['machine'])}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if legend else 0, 1, 1))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(len(legend), 4), fontsize=8,
+                   frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
