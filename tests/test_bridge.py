@@ -1,23 +1,22 @@
-"""Brownian-bridge losses against float64 dense references written out here (torch.cdist / broadcasting)."""
-import os
+"""Brownian-bridge losses against float64 dense references written out here (torch.cdist / broadcasting).
 
+Backends: "reference" and "auto" (the compiled CPU kernel) run in this process; "triton" runs here on CUDA, and
+on CPU under Triton's interpreter in one child process (tests/interpreter.py), at small sizes.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 from mmcl_fast import BrownianBridgeLoss, brownian_bridge_loss
 
 SIZES = [(1, 3), (2, 1), (7, 5), (33, 17), (70, 64)]
-TRITON_SIZES = [(1, 3), (7, 5), (33, 17)]
 
 
 def _kernel_backends():
-    """"auto" (the compiled CPU kernel here), and Triton where it can run (CUDA, or the interpreter)."""
-    backends = ["auto"]
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        backends.append("triton")
-    return backends
+    """"auto" (the compiled CPU kernel here), and Triton on CUDA (the interpreter cases are separate)."""
+    return ["auto", "triton"] if torch.cuda.is_available() else ["auto"]
 
 
 def _device(backend):
@@ -85,6 +84,12 @@ def _leaves64(*tensors):
 
 
 def _check_against_reference(loss_fn, dense_fn, tensors, dtype, t_rtol=None, floor_fn=None):
+    """Run `loss_fn` on `tensors` and compare its loss and gradients with the float64 reference (`_compare`)."""
+    loss = loss_fn(*tensors)
+    _compare(loss, torch.autograd.grad(loss, tensors), dense_fn, tensors, dtype, t_rtol, floor_fn)
+
+
+def _compare(loss, grads, dense_fn, tensors, dtype, t_rtol=None, floor_fn=None):
     """Loss and every input gradient vs the float64 dense reference on the same rounded inputs.
 
     `floor_fn(*inputs64) -> (K, N)`: for a cross-entropy, the parts of the positives' logits that the log-sum-exp
@@ -92,9 +97,7 @@ def _check_against_reference(loss_fn, dense_fn, tensors, dtype, t_rtol=None, flo
     dominate (loss -> 0, as with N = 2, D = 1) the error is that of the cancelling terms: it is measured against
     their size, each part's value and mean-gradient separately (the `floor` of tests/tolerances.py, which only
     ever applies when it exceeds max|expected|)."""
-    loss = loss_fn(*tensors)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    grads = torch.autograd.grad(loss, tensors)
     ref_inputs = _leaves64(*tensors)
     expected = dense_fn(*ref_inputs)
     expected_grads = torch.autograd.grad(expected, ref_inputs)
@@ -185,9 +188,54 @@ def test_contrastive_matches_reference_dense_backend(n, d, dtype, t_kind):
 @pytest.mark.parametrize("t_kind", ["scalar", "per_sample"])
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_contrastive_matches_reference_kernel_backend(n, d, dtype, t_kind, backend):
-    if backend == "triton" and (n, d) not in TRITON_SIZES:
-        pytest.skip("the Triton interpreter is slow: small sizes only")
     _contrastive_case(n, d, dtype, backend, t_kind)
+
+
+# the Triton interpreter (CPU): a few small, awkward cases, all in one child process
+INTERPRETED_CASES = [
+    dict(id="scalar-n1-d3", n=1, d=3, dtype=torch.float32, t="scalar"),
+    dict(id="scalar-n33-d17", n=33, d=17, dtype=torch.float32, t="scalar"),
+    dict(id="scalar-bf16-n20-d8", n=20, d=8, dtype=torch.bfloat16, t="scalar"),
+    dict(id="per-sample-n33-d17", n=33, d=17, dtype=torch.float32, t="per_sample"),
+    dict(id="per-sample-bf16-n7-d5", n=7, d=5, dtype=torch.bfloat16, t="per_sample"),
+]
+
+
+def _interpreted_inputs(case):
+    torch.manual_seed(sum(map(ord, case["id"])))
+    tensors = list(_triplet(case["n"], case["d"], case["dtype"]))
+    tensors.append(torch.tensor(0.25) if case["t"] == "scalar" else _per_sample_t(case["n"]))
+    return [t.detach() for t in tensors]
+
+
+def interpreted_bridge(case, inputs):
+    """Runs in the interpreter child: our contrastive bridge on the Triton backend, loss and gradients."""
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    t = leaves[3] if case["t"] == "per_sample" else 0.25
+    loss = brownian_bridge_loss(*leaves[:3], t, mode="contrastive", backend="triton")
+    wrt = leaves if case["t"] == "per_sample" else leaves[:3]
+    return {"loss": loss.detach(), "grads": [g.detach() for g in torch.autograd.grad(loss, wrt)]}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    return run_interpreted(__file__, "interpreted_bridge",
+                           [(case, _interpreted_inputs(case)) for case in INTERPRETED_CASES])
+
+
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=[case["id"] for case in INTERPRETED_CASES])
+def test_contrastive_matches_reference_triton_interpreted(interpreted, case):
+    ours = interpreted[case["id"]]
+    assert "error" not in ours, ours.get("error")
+    image, text, augmented, t = _interpreted_inputs(case)
+    if case["t"] == "scalar":
+        _compare(ours["loss"], ours["grads"], lambda v, w, a: dense_contrastive_scalar_t(v, w, a, 0.25),
+                 [image, text, augmented], case["dtype"],
+                 floor_fn=lambda v, w, a: positive_affine_terms(v, w, a, 0.25))
+    else:
+        _compare(ours["loss"], ours["grads"], dense_contrastive_per_sample_t, [image, text, augmented, t],
+                 case["dtype"], t_rtol=GRAD_RTOL[torch.float32], floor_fn=positive_affine_terms)
 
 
 def test_contrastive_per_sample_t_equal_entries_equals_scalar_t():

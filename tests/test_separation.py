@@ -1,24 +1,24 @@
-"""Uniformity and deep feature-separation losses against float64 dense references (torch.cdist, cross_entropy)."""
+"""Uniformity and deep feature-separation losses against float64 dense references (torch.cdist, cross_entropy).
+
+Backends: "reference" and "auto" (the compiled CPU kernel) run in this process; "triton" runs here on CUDA, and
+on CPU under Triton's interpreter in one child process (tests/interpreter.py), at small sizes.
+"""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 from mmcl_fast import FeatureSeparationLoss, UniformityLoss, feature_separation_loss, uniformity_loss
 
 SIZES = [(1, 3), (2, 1), (7, 5), (33, 17), (70, 64)]
-TRITON_SIZES = [(1, 3), (7, 5), (33, 17)]
 
 
 def _kernel_backends():
-    """"auto" (the compiled CPU kernel here), and Triton where it can run (CUDA, or the interpreter)."""
-    backends = ["auto"]
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        backends.append("triton")
-    return backends
+    """"auto" (the compiled CPU kernel here), and Triton on CUDA (the interpreter cases are separate)."""
+    return ["auto", "triton"] if torch.cuda.is_available() else ["auto"]
 
 
 def _device(backend):
@@ -37,12 +37,16 @@ def _leaves64(tensors):
 
 
 def _check(loss_fn, dense_fn, tensors, dtype, names, grad_floors=None):
+    """Run `loss_fn` on `tensors` and compare its loss and gradients with the float64 reference (`_compare`)."""
+    loss = loss_fn(*tensors)
+    _compare(loss, torch.autograd.grad(loss, tensors), dense_fn, tensors, dtype, names, grad_floors)
+
+
+def _compare(loss, grads, dense_fn, tensors, dtype, names, grad_floors=None):
     """Loss and every input gradient vs the float64 dense reference on the same rounded inputs. The floors are the
     sizes of the terms that cancel in a quantity that can come out near 0 (tests/tolerances.py, `floor`)."""
     grad_floors = grad_floors or [0.0] * len(tensors)
-    loss = loss_fn(*tensors)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    grads = torch.autograd.grad(loss, tensors)
     ref = _leaves64(tensors)
     expected = dense_fn(*ref)
     expected_grads = torch.autograd.grad(expected, ref)
@@ -91,8 +95,6 @@ def test_uniformity_matches_reference_dense_backend(n, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_uniformity_matches_reference_kernel_backend(n, d, dtype, backend):
-    if backend == "triton" and (n, d) not in TRITON_SIZES:
-        pytest.skip("the Triton interpreter is slow: small sizes only")
     _uniformity_case(n, d, dtype, backend)
 
 
@@ -155,9 +157,53 @@ def test_separation_matches_reference_dense_backend(n, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", _kernel_backends())
 def test_separation_matches_reference_kernel_backend(n, d, dtype, backend):
-    if backend == "triton" and (n, d) not in TRITON_SIZES:
-        pytest.skip("the Triton interpreter is slow: small sizes only")
     _separation_case(n, d, dtype, backend)
+
+
+# the Triton interpreter (CPU): a few small, awkward cases, all in one child process
+INTERPRETED_CASES = [
+    dict(id="uniformity-n1-d3", kind="uniformity", n=1, d=3, dtype=torch.float32),
+    dict(id="uniformity-n33-d17", kind="uniformity", n=33, d=17, dtype=torch.float32),
+    dict(id="uniformity-bf16-n20-d8", kind="uniformity", n=20, d=8, dtype=torch.bfloat16),
+    dict(id="separation-n7-d5", kind="separation", n=7, d=5, dtype=torch.float32),
+    dict(id="separation-bf16-n12-d6", kind="separation", n=12, d=6, dtype=torch.bfloat16),
+]
+
+
+def _interpreted_inputs(case):
+    torch.manual_seed(sum(map(ord, case["id"])))
+    if case["kind"] == "uniformity":
+        return [_unit(case["n"], case["d"], case["dtype"]).detach()]
+    return [t.detach() for t in _separation_inputs(case["n"], case["d"], case["dtype"])]
+
+
+def interpreted_loss(case, inputs):
+    """Runs in the interpreter child: our loss on the Triton backend, loss and gradients."""
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    if case["kind"] == "uniformity":
+        loss = uniformity_loss(leaves[0], backend="triton")
+    else:
+        loss = feature_separation_loss(*leaves, backend="triton")
+    return {"loss": loss.detach(), "grads": [g.detach() for g in torch.autograd.grad(loss, leaves)]}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    return run_interpreted(__file__, "interpreted_loss",
+                           [(case, _interpreted_inputs(case)) for case in INTERPRETED_CASES])
+
+
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=[case["id"] for case in INTERPRETED_CASES])
+def test_matches_reference_triton_interpreted(interpreted, case):
+    ours = interpreted[case["id"]]
+    assert "error" not in ours, ours.get("error")
+    tensors = _interpreted_inputs(case)
+    if case["kind"] == "uniformity":
+        _compare(ours["loss"], ours["grads"], dense_uniformity, tensors, case["dtype"], ["d_x"])
+    else:
+        _compare(ours["loss"], ours["grads"], dense_separation, tensors, case["dtype"], SEPARATION_NAMES,
+                 _infonce_grad_floors(tensors, 0.07))
 
 
 def test_separation_temperature_tensor_and_t():
@@ -228,3 +274,49 @@ def test_uniformity_no_quadratic_memory():
     print(f"uniformity N=65536 D=256: peak RSS growth {probe['growth_bytes'] / 2**20:.0f} MiB "
           f"= {ratio:.2f} x input ({probe['input_bytes'] / 2**20:.0f} MiB)")
     assert ratio < 4.5, f"peak RSS growth {ratio:.2f} x the input"
+
+
+def test_weighted_clip_objective_example():
+    """The README example: CLIP plus the three regularisers with weights, as modules, trains end to end.
+
+    Each term is checked against its float64 dense formula elsewhere; here the weighted sum of the modules must
+    equal the weighted sum of dense references, and every feature tensor must receive a gradient."""
+    from mmcl_fast import BrownianBridgeLoss, ClipLoss, GeometricConsistencyLoss
+
+    n, d = 24, 10
+    names = ["image", "text", "image_aug", "text_aug", "image_indep", "text_indep", "image_indep_aug",
+             "text_indep_aug"]
+    out = {name: _unit(n, d, torch.float64) for name in names}
+    logit_scale = torch.tensor(1 / 0.07, dtype=torch.float64, requires_grad=True)
+    weights = {"bridge": 0.5, "geometry": 0.1, "separation": 0.2}
+
+    clip = ClipLoss(backend="reference")
+    bridge = BrownianBridgeLoss(t=0.25, backend="reference")
+    geometry = GeometricConsistencyLoss()
+    separation = FeatureSeparationLoss(temperature=0.07, t=2.0, backend="reference")
+    loss = (clip(out["image"], out["text"], logit_scale)
+            + weights["bridge"] * bridge(out["image"], out["text"], out["image_aug"])
+            + weights["geometry"] * geometry(out["image"], out["text"], out["image_aug"], out["text_aug"])
+            + weights["separation"] * separation(out["image"], out["text"], out["image_indep"], out["text_indep"],
+                                                 out["image_indep_aug"], out["text_indep_aug"]))
+    loss.backward()
+    assert all(out[name].grad is not None and out[name].grad.abs().sum() > 0 for name in names)
+    assert logit_scale.grad is not None
+
+    z = {name: t.detach() for name, t in out.items()}
+    diag = torch.arange(n)
+    logits = logit_scale.detach() * z["image"] @ z["text"].T
+    dense_clip = 0.5 * (F.cross_entropy(logits, diag) + F.cross_entropy(logits.T, diag))
+    mix = 0.25 * z["image"] + 0.75 * z["text"]
+    dense_bridge = ((z["image_aug"] - mix / mix.norm(dim=1, keepdim=True)) ** 2).sum(1).mean()
+    gram = lambda a, b: a @ b.T  # noqa: E731
+    dense_geometry = (((gram(z["image"], z["text"]) - gram(z["text"], z["image"])) ** 2).sum()
+                      + ((gram(z["image"], z["image"]) - gram(z["text"], z["text"])) ** 2).sum()
+                      + ((gram(z["image"], z["image"]) - gram(z["image_aug"], z["image_aug"])) ** 2).sum()
+                      + ((gram(z["text"], z["text"]) - gram(z["text_aug"], z["text_aug"])) ** 2).sum()
+                      + (((z["image"] * z["text"]).sum(1) - (z["image_aug"] * z["text_aug"]).sum(1)) ** 2).sum()) / n
+    dense_sep = dense_separation(z["image"], z["text"], z["image_indep"], z["text_indep"], z["image_indep_aug"],
+                                 z["text_indep_aug"])
+    expected = (dense_clip + weights["bridge"] * dense_bridge + weights["geometry"] * dense_geometry
+                + weights["separation"] * dense_sep)
+    assert_rel_close(loss, expected, LOSS_RTOL[torch.float64], "weighted objective")
