@@ -20,8 +20,8 @@ Rank r owns the row terms of its images and the column terms of its captions. Pe
        sum_r loss_r / W = L.
 
 Image features are never gathered: the column direction comes from merging LSE partials. Memory per rank is
-O(N * D) (the gathered captions and their gradient) plus O(N) vectors; nothing of size N_r x N exists outside the
-`reference` backend. Compute: each rank streams its N_r x N block once forward and once backward, so the ranks
+O(N * D) (the gathered captions and their gradient; W * max_r N_r * D with the padding of uneven batches) plus
+O(N) vectors; nothing of size N_r x N exists outside the `reference` backend. Compute: each rank streams its N_r x N block once forward and once backward, so the ranks
 together do the single-process work. Communication per step: N*D (gather) + 2N (merge) forward, N (column grads)
 + N*D (reduce-scatter) backward.
 """
@@ -62,10 +62,12 @@ def _reduce_scatter_into(output: Tensor, stacked: Tensor, group) -> None:
     except (RuntimeError, NotImplementedError) as err:
         if "support" not in str(err).lower():
             raise
-    # Older process-group backends without reduce-scatter: the same result for O(N * D) memory.
-    dist.all_reduce(stacked, group=group)
+    # Older process-group backends without reduce-scatter: the same result for O(N * D) memory (on a copy:
+    # `stacked` may be autograd's own gradient buffer).
+    reduced = stacked.clone()
+    dist.all_reduce(reduced, group=group)
     rank, rows = dist.get_rank(group), output.shape[0]
-    output.copy_(stacked[rank * rows:(rank + 1) * rows])
+    output.copy_(reduced[rank * rows:(rank + 1) * rows])
 
 
 class _GatherRows(torch.autograd.Function):
@@ -88,7 +90,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_gathered: Tensor):
         sizes, world, max_rows = ctx.sizes, len(ctx.sizes), max(ctx.sizes)
         out_dtype = grad_gathered.dtype
-        # Half-precision partials are summed across ranks in fp32: one rounding at the end instead of W.
+        # Half-precision partials are summed across ranks in fp32, rounded once at the owner (not per hop).
         wire_dtype = torch.float32 if out_dtype in (torch.bfloat16, torch.float16) else out_dtype
         if all(size == max_rows for size in sizes):
             stacked = grad_gathered.to(wire_dtype).contiguous()
@@ -125,7 +127,7 @@ class _MergeLse(torch.autograd.Function):
         # Each rank holds the gradient of its own loss terms only: the column terms of the columns it owns.
         grad_full = grad_full.contiguous().clone()
         dist.all_reduce(grad_full, group=ctx.group)
-        return grad_full * torch.exp(partial - full), None
+        return grad_full * torch.exp(partial - full).nan_to_num(0.0), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 DIM = 13
+MEMORY_N, MEMORY_DIM = 4096, 8
 JOIN_TIMEOUT_S = 240
 
 # per world size: unequal local batches (with a rank holding a single row) and an equal split for open_clip parity
@@ -142,8 +143,16 @@ def _local_slice(case: dict, rank: int):
     return slice(start, start + sizes[rank])
 
 
-def _check_against_reference(case: dict, per_rank: list[dict], local_loss: bool) -> None:
-    """The DDP property of the issue, rank by rank, against the float64 reference."""
+def _check_against_reference(case: dict, per_rank: list[dict], local_loss: bool, label: str = "") -> None:
+    """The DDP property of the issue, rank by rank, against the float64 reference (`label` prefixes failures)."""
+    try:
+        _check_properties(case, per_rank, local_loss)
+    except AssertionError as err:
+        raise AssertionError(f"{label} local_loss={local_loss} sizes={case['sizes']} "
+                             f"{case['image'].dtype}: {err}") from None
+
+
+def _check_properties(case: dict, per_rank: list[dict], local_loss: bool) -> None:
     ref = _reference(case)
     dtype, world, n = case["image"].dtype, len(case["sizes"]), sum(case["sizes"])
     losses = torch.stack([result["loss"].double() for result in per_rank])
@@ -201,6 +210,30 @@ def _scenario_function(rank, world, cases, backend, device) -> dict:
                 lambda x, y, s, b: mdist.clip_loss(x, y, s, b, local_loss=local_loss, backend=backend),
                 case, rank, world, device)
     return results
+
+
+def _scenario_no_reduce_scatter(rank, world, cases, backend, device) -> dict:
+    """As `function`, on a process group whose backend lacks reduce-scatter (the all-reduce fallback)."""
+    import torch.distributed as dist
+
+    refused = []
+
+    def unsupported(*args, **kwargs):
+        refused.append(1)
+        raise RuntimeError("this backend does not support reduce_scatter")
+
+    saved = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce_scatter_tensor")
+             if hasattr(dist, name)}
+    for name in saved:
+        setattr(dist, name, unsupported)
+    try:
+        results = _scenario_function(rank, world, {f"unequal-{torch.float32}": cases[f"unequal-{torch.float32}"]},
+                                     backend, device)
+        results["refused"] = len(refused)
+        return results
+    finally:
+        for name, function in saved.items():
+            setattr(dist, name, function)
 
 
 def _scenario_module(rank, world, cases, backend, device) -> dict:
@@ -262,7 +295,23 @@ def _scenario_errors(rank, world, cases, backend, device) -> dict:
     return results
 
 
-_SCENARIOS = {"function": _scenario_function, "module": _scenario_module, "open_clip": _scenario_open_clip,
+def _scenario_memory(rank, world, cases, backend, device) -> dict:
+    """Peak RSS growth of one fwd+bwd step at N = MEMORY_N, D = MEMORY_DIM (small D: an N_r x N buffer would
+    dwarf everything the algorithm needs, O(N * D))."""
+    from mmcl_fast import distributed as mdist
+    from mmcl_fast.bench.memory import RssPeak
+    n_local = MEMORY_N // world + (rank < MEMORY_N % world)
+    image, text = (F.normalize(torch.randn(n_local, MEMORY_DIM), dim=1).requires_grad_() for _ in range(2))
+    scale = torch.tensor(50.0, requires_grad=True)
+    warm = [torch.randn(8, MEMORY_DIM).requires_grad_() for _ in range(2)]
+    mdist.clip_loss(*warm, scale, backend=backend).backward()
+    with RssPeak() as probe:
+        mdist.clip_loss(image, text, scale, backend=backend).backward()
+    return {"peak_bytes": probe.peak_bytes, "method": probe.method, "n_local": n_local}
+
+
+_SCENARIOS = {"memory": _scenario_memory, "function": _scenario_function,
+              "no_reduce_scatter": _scenario_no_reduce_scatter, "module": _scenario_module, "open_clip": _scenario_open_clip,
               "errors": _scenario_errors}
 BACKENDS = ("reference", "auto")
 
@@ -273,7 +322,8 @@ def gloo_group(request, tmp_path_factory):
     world = request.param
     torch.manual_seed(zlib.crc32(f"{__name__}-W{world}".encode()))
     cases = _cases(world)
-    blocks = [f"function:{backend}" for backend in BACKENDS] + ["module:auto", "errors:auto"]
+    blocks = (["memory:auto"] + [f"function:{backend}" for backend in BACKENDS]
+              + ["no_reduce_scatter:auto", "module:auto", "errors:auto"])
     if world == 2:  # importing open_clip costs seconds of CPU per process: its parity check runs at W = 2 only
         blocks.append("open_clip:")
     per_rank = _run_group(world, tmp_path_factory.mktemp(f"gloo_w{world}"), cases, {"blocks": blocks})
@@ -294,15 +344,28 @@ def test_loss_and_grads_match_single_process_reference(gloo_group, backend):
             _check_against_reference(case, [result[name, local_loss] for result in results], local_loss)
 
 
+def test_all_reduce_fallback_without_reduce_scatter_is_exact(gloo_group):
+    _, cases, per_rank = gloo_group
+    results = _block(per_rank, "no_reduce_scatter:auto")
+    assert all(result["refused"] == 2 for result in results)  # one backward per local_loss value
+    name = f"unequal-{torch.float32}"
+    for local_loss in (False, True):
+        _check_against_reference(cases[name], [result[name, local_loss] for result in results], local_loss)
+
+
 def test_cliploss_every_flag_combination_is_exact(gloo_group):
-    """open_clip drops cross-rank gradients without gather_with_grad; here every combination is exact."""
+    """open_clip drops cross-rank gradients without gather_with_grad; here every combination is exact.
+
+    The returned value follows open_clip's local_loss (global loss / this rank's share), which needs
+    ClipLoss.forward to pass local_loss=self.local_loss on to mmcl_fast.distributed.clip_loss."""
     _, cases, per_rank = gloo_group
     results = _block(per_rank, "module:auto")
     for name in ("equal", f"unequal-{torch.float32}"):
         for local_loss in (False, True):
             for gather_with_grad in (False, True):
                 _check_against_reference(
-                    cases[name], [result[name, local_loss, gather_with_grad] for result in results], local_loss)
+                    cases[name], [result[name, local_loss, gather_with_grad] for result in results], local_loss,
+                    label=f"ClipLoss(gather_with_grad={gather_with_grad})")
 
 
 @pytest.mark.parametrize("gloo_group", [2], ids=["W2"], indirect=True)
@@ -349,6 +412,20 @@ def test_mismatched_inputs_raise_on_every_rank(gloo_group):
         assert f"rank=0 was given but this process is rank {rank}" in results[rank]["rank_arg"][1]
     assert f"invalid input on rank(s) {list(range(1, world))}" in results[0]["rank_arg"][1]
     assert all(result["valid_after_errors"] for result in results)
+
+
+def test_no_local_times_global_memory(gloo_group):
+    """Per-rank peak RSS growth of a step stays far below one N_local x N fp32 buffer (what open_clip holds
+    twice), at N = 4096, D = 8 where the algorithm's own O(N * D) state is 128 KiB."""
+    world, _, per_rank = gloo_group
+    results = _block(per_rank, "memory:auto")
+    for rank, result in enumerate(results):
+        if result["peak_bytes"] is None:
+            pytest.skip(f"no peak-RSS probe on this platform ({result['method']})")
+        quadratic = result["n_local"] * MEMORY_N * 4
+        assert result["peak_bytes"] < quadratic / 4, (
+            f"rank {rank}: peak RSS growth {result['peak_bytes'] / 2**20:.1f} MiB vs one N_local x N buffer "
+            f"{quadratic / 2**20:.1f} MiB")
 
 
 def test_without_process_group_names_group():
