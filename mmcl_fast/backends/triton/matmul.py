@@ -1,11 +1,19 @@
-"""The backward's two GEMMs over a staged chunk of G: ``out (+)= alpha * A @ B``, fp32 accumulation.
+"""The backward's two GEMMs over a staged chunk of G: ``out (+)= alpha * A @ B`` with fp32 accumulation.
 
-A is a (ROWS, K) chunk of G, possibly a transposed view (dY = G^T X reads G column-major), B is (K, COLS) rows
-of the features, out is either the fp32 accumulator or the final gradient (cast on store). Any ROWS, COLS, K
->= 1 (edges masked). Accumulation into `out` is a read-modify-write by the one program that owns each output
-tile: deterministic, no atomics. Grouped tile order keeps a band of A in L2 across the output columns.
+A is a (ROWS, K) chunk of G, possibly a transposed view (dY = G^T X reads G column-major); B is (K, COLS) rows
+of the features (or their fp16 copy, see `lse.lse_bwd`); out is the fp32 accumulator or the final gradient
+(cast on store). alpha is a 1-element device tensor (the undoing of power-of-two range shifts), read on the
+device so that nothing syncs with the host.
+
+Two engines compute it: `_accumulate_matmul_kernel` (Triton; any ROWS, COLS, K >= 1 with masked edges; the
+read-modify-write of `out` is done by the one program owning each output tile, so it is deterministic), and
+cuBLAS through `torch.mm(..., out_dtype=torch.float32)` (fp16 operands, fp32 output) on CUDA. The Triton one
+is the only one under the interpreter; on a GPU the default is cuBLAS, `MMCL_FAST_TRITON_GEMM=triton` picks
+the Triton kernel (both are deterministic).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -29,26 +37,45 @@ def cast_for_store(value, ptr, ROUND_BF16: tl.constexpr):
     return value.to(ptr.dtype.element_ty)
 
 
+# (BLOCK_R, BLOCK_C, BLOCK_K, warps, stages). Checked with ptxas for sm_90 (no register spills except where
+# noted): 16-bit operands take wgmma tiles, fp32 in full precision runs on FMA units and wants small tiles.
+_HALF_SHAPES = [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 256, 64, 8, 3)]
+_FP32_SHAPES = [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
+_TF32_SHAPES = [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)]
+
+
 def _gemm_configs():
     if interpreting():
-        return [triton.Config({"BLOCK_R": 16, "BLOCK_C": 32, "BLOCK_K": 16, "GROUP_R": 2}, num_warps=4,
-                              num_stages=1)]
-    shapes = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-              (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
+        shapes = [(16, 32, 16, 4, 1)]
+    else:
+        shapes = sorted(set(_HALF_SHAPES + _FP32_SHAPES + _TF32_SHAPES))
     return [triton.Config({"BLOCK_R": br, "BLOCK_C": bc, "BLOCK_K": bk, "GROUP_R": 8}, num_warps=w, num_stages=s)
             for br, bc, bk, w, s in shapes]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["ROWS", "COLS", "K", "ACCUMULATE"], restore_value=["out_ptr"])
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Keep the shapes meant for this operand type (the autotuner times only those)."""
+    if named_args["a_ptr"].dtype != torch.float32:
+        wanted = _HALF_SHAPES
+    else:
+        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION") == "tf32" else _FP32_SHAPES
+    keep = [c for c in configs if (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) in wanted]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["ROWS", "COLS", "K", "ACCUMULATE"], restore_value=["out_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
-def _accumulate_matmul_kernel(a_ptr, b_ptr, out_ptr, alpha, ROWS, COLS, K,
+def _accumulate_matmul_kernel(a_ptr, b_ptr, out_ptr, alpha_ptr, ROWS, COLS, K,
                               stride_ar, stride_ak, stride_bk, stride_bc, stride_or,
                               ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                              ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_R: tl.constexpr):
+                              ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_K: tl.constexpr, GROUP_R: tl.constexpr):
     pid = tl.program_id(0)
     tiles_r = tl.cdiv(ROWS, BLOCK_R)
     tiles_c = tl.cdiv(COLS, BLOCK_C)
+    # Grouped order: GROUP_R row tiles sweep the output columns together, sharing their band of A in L2.
     group_size = GROUP_R * tiles_c
     first_r = (pid // group_size) * GROUP_R
     rows_in_group = tl.minimum(tiles_r - first_r, GROUP_R)
@@ -73,7 +100,7 @@ def _accumulate_matmul_kernel(a_ptr, b_ptr, out_ptr, alpha, ROWS, COLS, K,
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    acc = acc * alpha
+    acc = acc * tl.load(alpha_ptr)
     out_ptrs = out_ptr + rows[:, None] * stride_or + cols[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
     if ACCUMULATE:
@@ -81,12 +108,33 @@ def _accumulate_matmul_kernel(a_ptr, b_ptr, out_ptr, alpha, ROWS, COLS, K,
     tl.store(out_ptrs, cast_for_store(acc, out_ptr, ROUND_BF16), mask=out_mask)
 
 
-def accumulate_matmul(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, accumulate: bool = False,
+def _engine(device: torch.device) -> str:
+    choice = os.environ.get("MMCL_FAST_TRITON_GEMM", "cublas" if device.type == "cuda" else "triton")
+    if choice not in ("cublas", "triton"):
+        raise ValueError(f"MMCL_FAST_TRITON_GEMM must be 'cublas' or 'triton', got {choice!r}")
+    return choice if device.type == "cuda" else "triton"
+
+
+def _cublas(out: Tensor, a: Tensor, b: Tensor, alpha: Tensor, accumulate: bool) -> bool:
+    """out (+)= alpha * a @ b through cuBLAS with an fp32 result; False if this torch cannot (no mm.dtype)."""
+    try:
+        product = torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    if accumulate:
+        torch.addcmul(out, product, alpha, out=out)
+    else:
+        torch.mul(product, alpha, out=out)
+    return True
+
+
+def accumulate_matmul(out: Tensor, a: Tensor, b: Tensor, alpha: Tensor, *, accumulate: bool = False,
                       input_precision: str = "ieee") -> None:
     """out = alpha * a @ b (accumulate=False) or out += alpha * a @ b (accumulate=True, fp32 `out`), in place.
 
-    a: (ROWS, K) with any strides; b: (K, COLS) with unit stride along COLS; out: (ROWS, COLS), unit column
-    stride. a and b share a dtype (fp32 / bf16 / fp16); accumulation is fp32.
+    a: (ROWS, K), any strides; b: (K, COLS), unit stride along COLS; a and b share a dtype (fp32 or fp16);
+    out: (ROWS, COLS) with unit column stride (fp32, or any float dtype when not accumulating);
+    alpha: float32 (1,) tensor on the device.
     """
     rows, k = a.shape
     k_b, cols = b.shape
@@ -98,7 +146,9 @@ def accumulate_matmul(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, 
         raise TypeError(f"accumulating needs a float32 out, got {out.dtype}")
     if b.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError("b and out need unit stride along their columns")
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(cols, meta["BLOCK_C"]),)
+    if _engine(out.device) == "cublas" and _cublas(out, a, b, alpha, accumulate):
+        return
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(cols, meta["BLOCK_C"]),)  # noqa: E731
     _accumulate_matmul_kernel[grid](
         a, b, out, alpha, rows, cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
         ACCUMULATE=accumulate, UPCAST=interpreting() and a.dtype != torch.float32,

@@ -1,0 +1,546 @@
+"""The `triton` backend against float64 dense references written here with torch (cross_entropy, logsumexp).
+
+CPU / CI: every Triton kernel runs under Triton's interpreter (TRITON_INTERPRET=1) at small, awkward sizes. The
+interpreter has to be switched on before triton is imported and must not leak into the other test modules of
+the same pytest process, so all interpreter cases run in ONE child process (this file run as a script with
+`--worker`, env TRITON_INTERPRET=1) that computes our losses and gradients and sends them back; the float64
+references are computed here, in the parent, on the same (rounded) inputs. One child for all cases keeps the
+cost of importing torch + triton to once (~3 s).
+
+GPU: the `gpu`-marked tests run the compiled kernels in this process at real sizes when CUDA is present
+(`pytest tests/test_triton.py` on a CUDA machine).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cases run under the interpreter
+# ---------------------------------------------------------------------------------------------------------------
+
+def _clip(id, n, m, d, dtype="float32", scale=100.0, bias=None, labels=False, smoothing=0.0, **options):
+    """A clip_loss case; options: chunk_mb (staged-G budget), max_splits (forward grid), layout="trap"."""
+    return dict(id=id, kind="clip", n=n, m=m, d=d, dtype=dtype, scale=scale, bias=bias, labels=labels,
+                smoothing=smoothing, **options)
+
+
+CLIP_CASES = [
+    _clip("n1-d3", 1, 1, 3),
+    _clip("n3-d20", 3, 3, 20, bias=-1.0),
+    _clip("n65-d37", 65, 65, 37),
+    _clip("n129-d64-bias", 129, 129, 64, bias=-10.0),
+    _clip("n65-d64-scale1", 65, 65, 64, scale=1.0),
+    _clip("rect-65x129-d20-labels", 65, 129, 20, scale=50.0, bias=-3.0, labels=True),
+    _clip("rect-129x33-d37-labels", 129, 33, 37, labels=True),
+    _clip("rect-1x7-d3-labels", 1, 7, 3, labels=True),
+    _clip("smooth-37x65-d20", 37, 65, 20, scale=10.0, bias=0.7, labels=True, smoothing=0.1),
+    _clip("smooth-64-d64", 64, 64, 64, smoothing=0.5),
+    # duplicated rows, anti-aligned positives and whole columns ~scale below the largest logit (orthogonal to
+    # every image): a fixed shift exp(L - logit_scale) underflows there, an online max does not
+    _clip("shift-trap-80-d32", 80, 80, 32, bias=-10.0, layout="trap"),
+    # several staged G chunks (tiny budget), including ragged last chunks, and 2 x 2 forward splits, so that a
+    # forward program merges several row blocks into its column slot
+    _clip("chunks-129x65-d37", 129, 65, 37, labels=True, bias=2.0, chunk_mb=0.004, max_splits=2),
+    _clip("chunks-65-d20-smooth", 65, 65, 20, smoothing=0.2, chunk_mb=0.003, max_splits=3),
+    _clip("bf16-65-d64", 65, 65, 64, dtype="bfloat16"),
+    _clip("bf16-rect-33x70-d20", 33, 70, 20, dtype="bfloat16", scale=30.0, bias=-2.0, labels=True),
+    _clip("bf16-chunks-65x40-d37", 65, 40, 37, dtype="bfloat16", labels=True, smoothing=0.1, chunk_mb=0.003),
+    _clip("fp16-65-d37", 65, 65, 37, dtype="float16"),
+    _clip("fp16-rect-20x50-d64", 20, 50, 64, dtype="float16", scale=14.3, bias=1.0, labels=True, smoothing=0.1),
+]
+
+LSE_CASES = [
+    # per-row scale, wide row/column biases (a fixed shift would underflow), random upstream weights
+    dict(id="lse-65x33-d20", kind="lse", n=65, m=33, d=20, dtype="float32", need_row=True, need_col=True),
+    dict(id="lse-33x65-d37-row", kind="lse", n=33, m=65, d=37, dtype="float32", need_row=True, need_col=False),
+    dict(id="lse-40x17-d3-col", kind="lse", n=40, m=17, d=3, dtype="float32", need_row=False, need_col=True,
+         max_splits=2),
+    dict(id="lse-bf16-50x30-d64", kind="lse", n=50, m=30, d=64, dtype="bfloat16", need_row=True, need_col=True),
+]
+
+INFONCE_CASES = [
+    dict(id="sq-rowscale-40x40-d16", kind="sqeuclidean", n=40, m=40, d=16, dtype="float32", symmetric=True,
+         row_scale=True),
+    dict(id="sq-scalar-30x50-d8-oneway", kind="sqeuclidean", n=30, m=50, d=8, dtype="float32",
+         symmetric=False, row_scale=False),
+]
+
+DETERMINISM_CASE = _clip("determinism-97x80-d33", 97, 80, 33, labels=True, bias=0.5, smoothing=0.1,
+                         chunk_mb=0.004)
+
+
+def _case_generator(case) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(case["id"].encode()))
+
+
+def _unit(n, d, dtype, gen):
+    return F.normalize(torch.randn(n, d, dtype=torch.float64, generator=gen), dim=1).to(dtype)
+
+
+def make_inputs(case) -> dict:
+    """Fresh random inputs per case (seeded by the case id), already rounded to the case's dtype."""
+    gen = _case_generator(case)
+    dtype = DTYPES[case["dtype"]]
+    n, m, d = case["n"], case["m"], case["d"]
+    if case["kind"] == "clip" and case.get("layout") == "trap":
+        basis, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+        images = basis[:4].repeat(n // 8, 1)
+        images = torch.cat([images, -images])
+        others = F.normalize(torch.randn(n // 2, d - 4, dtype=torch.float64, generator=gen) @ basis[4:], dim=1)
+        return dict(x=images.to(dtype), y=torch.cat([-images[: n // 2], others]).to(dtype))
+    if case["kind"] == "clip":
+        inputs = dict(x=_unit(n, d, dtype, gen), y=_unit(m, d, dtype, gen))
+        if case["labels"]:
+            inputs["image_labels"] = torch.randint(0, m, (n,), generator=gen)
+            inputs["text_labels"] = torch.randint(0, n, (m,), generator=gen)
+        return inputs
+    if case["kind"] == "lse":
+        # |L| up to ~150: per-row scale in [0.5, 100] and biases of spread 10 (fp32 logits carry ~|L| 2^-24)
+        return dict(x=_unit(n, d, dtype, gen), y=_unit(m, d, dtype, gen),
+                    scale=torch.rand(n, generator=gen) * 99.5 + 0.5,
+                    row_bias=torch.randn(n, generator=gen) * 10,
+                    col_bias=torch.randn(m, generator=gen) * 10,
+                    w_row=torch.rand(n, generator=gen) - 0.3,
+                    w_col=torch.rand(m, generator=gen) - 0.3)
+    inputs = dict(x=(torch.randn(n, d, generator=gen) * 0.4).to(dtype),
+                  y=(torch.randn(m, d, generator=gen) * 0.4).to(dtype),
+                  scale=(torch.rand(n, generator=gen) * 3 + 0.5) if case["row_scale"] else torch.tensor(1.5),
+                  query_labels=torch.randint(0, m, (n,), generator=gen))
+    if case["symmetric"]:
+        inputs["key_labels"] = torch.randint(0, n, (m,), generator=gen)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the child process (TRITON_INTERPRET=1): our side of every case
+# ---------------------------------------------------------------------------------------------------------------
+
+def _run_case(case, inputs) -> dict:
+    import mmcl_fast
+    from mmcl_fast import _ops
+    from mmcl_fast.backends.triton import lse as triton_lse
+
+    default_splits = triton_lse._MAX_SPLITS
+    if "max_splits" in case:
+        triton_lse._MAX_SPLITS = case["max_splits"]
+    if "chunk_mb" in case:
+        os.environ["MMCL_FAST_TRITON_CHUNK_MB"] = str(case["chunk_mb"])
+    try:
+        if case["kind"] == "clip":
+            x = inputs["x"].clone().requires_grad_()
+            y = inputs["y"].clone().requires_grad_()
+            scale = torch.tensor(case["scale"], requires_grad=True)
+            bias = None if case["bias"] is None else torch.tensor(case["bias"], requires_grad=True)
+            loss = mmcl_fast.clip_loss(x, y, scale, bias, image_labels=inputs.get("image_labels"),
+                                       text_labels=inputs.get("text_labels"),
+                                       label_smoothing=case["smoothing"], backend="triton")
+            loss.backward()
+            out = dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dscale=scale.grad)
+            if bias is not None:
+                out["dbias"] = bias.grad
+            return out
+        if case["kind"] == "lse":
+            leaves = {k: inputs[k].clone().requires_grad_() for k in ("x", "y", "scale", "row_bias", "col_bias")}
+            row_lse, col_lse = _ops.affine_lse(leaves["x"], leaves["y"], leaves["scale"], leaves["row_bias"],
+                                               leaves["col_bias"], need_row=case["need_row"],
+                                               need_col=case["need_col"], backend="triton")
+            total = (inputs["w_row"] * row_lse).sum() if case["need_row"] else 0.0
+            total = total + ((inputs["w_col"] * col_lse).sum() if case["need_col"] else 0.0)
+            total.backward()
+            return dict(row_lse=row_lse.detach(), col_lse=col_lse.detach(),
+                        **{"d" + k: v.grad for k, v in leaves.items()})
+        x = inputs["x"].clone().requires_grad_()
+        y = inputs["y"].clone().requires_grad_()
+        scale = inputs["scale"].clone().requires_grad_()
+        loss = mmcl_fast.infonce(x, y, scale, query_labels=inputs["query_labels"],
+                                 key_labels=inputs.get("key_labels"), similarity="sqeuclidean",
+                                 symmetric=case["symmetric"], backend="triton")
+        loss.backward()
+        return dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dscale=scale.grad)
+    finally:
+        os.environ.pop("MMCL_FAST_TRITON_CHUNK_MB", None)
+        triton_lse._MAX_SPLITS = default_splits
+
+
+def _worker(in_path: str, out_path: str) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the worker must start with TRITON_INTERPRET=1"
+    jobs = torch.load(in_path)
+    results = {}
+    for case, inputs in jobs:
+        try:
+            results[case["id"]] = _run_case(case, inputs)
+            if case["id"] == DETERMINISM_CASE["id"]:
+                results[case["id"] + "/again"] = _run_case(case, inputs)
+        except Exception:  # reported by the test of that case
+            results[case["id"]] = {"error": traceback.format_exc()}
+    torch.save(results, out_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parent: one child for every interpreter case, then float64 references per test
+# ---------------------------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+ALL_CASES = CLIP_CASES + LSE_CASES + INFONCE_CASES + [DETERMINISM_CASE]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Run every interpreter case in one TRITON_INTERPRET=1 child; returns {case id: outputs}."""
+    pytest.importorskip("triton")
+    with tempfile.TemporaryDirectory() as tmp:
+        in_path, out_path = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
+        torch.save([(case, make_inputs(case)) for case in ALL_CASES], in_path)
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+        env.pop("MMCL_FAST_TRITON_CHUNK_MB", None)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", in_path, out_path],
+                              env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"interpreter worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                        f"{proc.stderr[-5000:]}")
+        return torch.load(out_path)
+
+
+def _ours(interpreted, case) -> dict:
+    out = interpreted[case["id"]]
+    if "error" in out:
+        pytest.fail(f"case {case['id']} raised in the interpreter worker:\n{out['error']}")
+    return out
+
+
+def reference_clip(x, y, scale, bias, image_labels, text_labels, smoothing):
+    logits = scale * x @ y.T
+    if bias is not None:
+        logits = logits + bias
+    n, m = logits.shape
+    il = torch.arange(n) if image_labels is None else image_labels
+    tl = torch.arange(m) if text_labels is None else text_labels
+    return 0.5 * (F.cross_entropy(logits, il, label_smoothing=smoothing)
+                  + F.cross_entropy(logits.T, tl, label_smoothing=smoothing))
+
+
+def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothing, dtype) -> None:
+    """Compare our loss and gradients with the float64 cross_entropy reference on the same rounded inputs."""
+    xr = x.detach().to("cpu", torch.float64).requires_grad_()
+    yr = y.detach().to("cpu", torch.float64).requires_grad_()
+    sr = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    br = None if bias is None else torch.tensor(float(bias), dtype=torch.float64, requires_grad=True)
+    il = None if image_labels is None else image_labels.cpu()
+    tl = None if text_labels is None else text_labels.cpu()
+    ref = reference_clip(xr, yr, sr, br, il, tl, smoothing)
+    ref.backward()
+    assert ours["loss"].dtype == torch.float32 and ours["dx"].dtype == dtype and ours["dy"].dtype == dtype
+    assert_rel_close(ours["loss"], ref, LOSS_RTOL[dtype], "loss")
+    assert_rel_close(ours["dx"], xr.grad, GRAD_RTOL[dtype], "d image_features")
+    assert_rel_close(ours["dy"], yr.grad, GRAD_RTOL[dtype], "d text_features")
+    # d/d scale = E_softmax[s_ij] - s_positive cancels: measured against the size of the positives' similarities
+    rows = torch.arange(xr.shape[0]) if il is None else il
+    positives = (xr.detach() * yr.detach()[rows]).sum(1).abs().mean().item()
+    assert_rel_close(ours["dscale"], sr.grad, GRAD_RTOL[dtype], "d logit_scale", floor=positives)
+    if bias is not None:
+        # d/d bias = sum(probabilities) - 1 per row/column: measured against those O(1) terms
+        assert_rel_close(ours["dbias"], br.grad, GRAD_RTOL[dtype], "d logit_bias", floor=1.0)
+
+
+@pytest.mark.parametrize("case", CLIP_CASES, ids=[c["id"] for c in CLIP_CASES])
+def test_clip_loss_matches_reference_interpreted(interpreted, case):
+    inputs = make_inputs(case)
+    check_clip(_ours(interpreted, case), inputs["x"], inputs["y"], case["scale"], case["bias"],
+               inputs.get("image_labels"), inputs.get("text_labels"), case["smoothing"], DTYPES[case["dtype"]])
+
+
+@pytest.mark.parametrize("case", LSE_CASES, ids=[c["id"] for c in LSE_CASES])
+def test_affine_lse_matches_reference_interpreted(interpreted, case):
+    """The primitive with per-row scale, row/column biases and arbitrary upstream weights (any sign of G)."""
+    ours = _ours(interpreted, case)
+    dtype = DTYPES[case["dtype"]]
+    inputs = make_inputs(case)
+    leaves = {k: inputs[k].double().requires_grad_() for k in ("x", "y", "scale", "row_bias", "col_bias")}
+    logits = (leaves["scale"][:, None] * (leaves["x"] @ leaves["y"].T) + leaves["row_bias"][:, None]
+              + leaves["col_bias"][None, :])
+    row_lse, col_lse = torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+    total = 0.0
+    if case["need_row"]:
+        assert_rel_close(ours["row_lse"], row_lse, LOSS_RTOL[dtype], "row_lse")
+        total = total + (inputs["w_row"].double() * row_lse).sum()
+    else:
+        assert ours["row_lse"].numel() == 0
+    if case["need_col"]:
+        assert_rel_close(ours["col_lse"], col_lse, LOSS_RTOL[dtype], "col_lse")
+        total = total + (inputs["w_col"].double() * col_lse).sum()
+    else:
+        assert ours["col_lse"].numel() == 0
+    total.backward()
+    for name, leaf in leaves.items():
+        assert_rel_close(ours["d" + name], leaf.grad, GRAD_RTOL[dtype], "d " + name)
+
+
+@pytest.mark.parametrize("case", INFONCE_CASES, ids=[c["id"] for c in INFONCE_CASES])
+def test_sqeuclidean_infonce_matches_reference_interpreted(interpreted, case):
+    ours = _ours(interpreted, case)
+    inputs = make_inputs(case)
+    x = inputs["x"].double().requires_grad_()
+    y = inputs["y"].double().requires_grad_()
+    scale = inputs["scale"].double().requires_grad_()
+    logits = -(scale[:, None] if scale.dim() else scale) * torch.cdist(x, y) ** 2
+    loss = F.cross_entropy(logits, inputs["query_labels"])
+    if case["symmetric"]:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, inputs["key_labels"]))
+    loss.backward()
+    assert_rel_close(ours["loss"], loss, LOSS_RTOL[torch.float32], "loss")
+    assert_rel_close(ours["dx"], x.grad, GRAD_RTOL[torch.float32], "d query")
+    assert_rel_close(ours["dy"], y.grad, GRAD_RTOL[torch.float32], "d keys")
+    assert_rel_close(ours["dscale"], scale.grad, GRAD_RTOL[torch.float32], "d scale")
+
+
+def test_deterministic_bit_identical_interpreted(interpreted):
+    first = _ours(interpreted, DETERMINISM_CASE)
+    again = interpreted[DETERMINISM_CASE["id"] + "/again"]
+    assert set(first) == set(again)
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    inputs = make_inputs(DETERMINISM_CASE)
+    check_clip(first, inputs["x"], inputs["y"], DETERMINISM_CASE["scale"], DETERMINISM_CASE["bias"],
+               inputs["image_labels"], inputs["text_labels"], DETERMINISM_CASE["smoothing"], torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input checks (no kernel runs: they fail before any launch)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _problem(n=4, m=5, d=3, dtype=torch.float32):
+    return (torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype), torch.ones(n), torch.zeros(n),
+            torch.zeros(m))
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda p: (p[0].double(), p[1].double()) + p[2:], TypeError, "float32/bfloat16/float16 x"),
+    (lambda p: (p[0], p[1].half()) + p[2:], TypeError, "x and y must have the same dtype"),
+    (lambda p: (p[0], p[1][:, :2]) + p[2:], ValueError, "same feature size"),
+    (lambda p: (p[0][0], p[1]) + p[2:], ValueError, "x must be a non-empty 2-D"),
+    (lambda p: (p[0].T.contiguous().T, p[1]) + p[2:], ValueError, "x must have unit stride"),
+    (lambda p: p[:2] + (torch.ones(3),) + p[3:], ValueError, r"scale must have shape \(4,\)"),
+    (lambda p: p[:3] + (torch.zeros(4, dtype=torch.float64), p[4]), TypeError, "row_bias must be float32"),
+    (lambda p: p[:4] + (torch.zeros(4),), ValueError, r"col_bias must have shape \(5,\)"),
+    (lambda p: p, ValueError, "needs CUDA tensors"),
+])
+def test_bad_input_is_named(mutate, error, match):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("checks the non-interpreter error path")
+    pytest.importorskip("triton")
+    from mmcl_fast.backends import triton as triton_backend
+    with pytest.raises(error, match=match):
+        triton_backend.lse_fwd(*mutate(_problem()), True, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hopper code generation, checked without a GPU: triton compiles for sm_90 with its bundled ptxas
+# ---------------------------------------------------------------------------------------------------------------
+
+_FEATURE_ARGS = dict(x_ptr=None, y_ptr=None, scale_ptr="*fp32", row_bias_ptr="*fp32", col_bias_ptr="*fp32")
+
+
+def _compile_for_hopper(kernel, types: dict, constexprs: dict, config):
+    """Compile an autotuned kernel's config for sm_90 (16-byte aligned pointers and sizes, as at run time)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    constexprs = {**constexprs, **config.kwargs}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    aligned = [name for name in fn.arg_names if name not in constexprs and (
+        types[name].startswith("*") or name in ("D", "N", "M", "stride_x", "stride_y", "CHUNK_N", "CHUNK_M",
+                                                "K", "ROWS", "COLS", "stride_bk", "stride_or"))]
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def _spilled_bytes(compiled) -> int:
+    """Stack (register spill) bytes of the compiled cubin, from the cuobjdump bundled with triton."""
+    import re
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("triton's bundled cuobjdump is missing")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    match = re.search(r"STACK:(\d+)", usage)
+    assert match, usage
+    return int(match.group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_kernels_compile_for_hopper_without_spills(dtype):
+    """Every kernel's first config for this dtype compiles for sm_90, on tensor cores (wgmma) for 16-bit
+    features, pipelined (cp.async), and without register spills. Catches compile-only errors the interpreter
+    cannot see (loop-carried types, layouts) on a machine without a GPU."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs the compiler, not the interpreter")
+    pytest.importorskip("triton")
+    from mmcl_fast.backends.triton import lse, matmul
+    half = dtype != "fp32"
+    g_dtype = "fp16" if half else "fp32"
+    precision = "tf32" if half else "ieee"
+    tile_shape = (lse._HALF_SHAPES if half else lse._FP32_SHAPES)[0]
+    gemm_shape = (matmul._HALF_SHAPES if half else matmul._FP32_SHAPES)[0]
+    tile_config = next(c for c in lse._tile_configs() if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"],
+                                                          c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == tile_shape)
+    gemm_config = next(c for c in matmul._gemm_configs() if (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"],
+                                                             c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == gemm_shape)
+    features = dict(_FEATURE_ARGS, x_ptr="*" + dtype, y_ptr="*" + dtype)
+    ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
+    forward = lse._lse_partials_kernel
+    forward_types = dict(features, row_max_ptr="*fp32", row_sum_ptr="*fp32", col_max_ptr="*fp32",
+                         col_sum_ptr="*fp32", **ints("N", "M", "D", "stride_x", "stride_y", "N_CLASS", "M_CLASS"))
+    grad = lse._grad_tile_kernel
+    grad_types = dict(features, row_lse_ptr="*fp32", col_lse_ptr="*fp32", grad_row_ptr="*fp32",
+                      grad_col_ptr="*fp32", row_const_ptr="*fp32", col_const_ptr="*fp32", row_target_ptr="*i64",
+                      row_target_grad_ptr="*fp32", col_target_ptr="*i64", col_target_grad_ptr="*fp32",
+                      g_ptr="*" + g_dtype, row_part_ptr="*fp32", col_part_ptr="*fp32", g_scale_ptr="*fp32",
+                      **ints("row0", "col0", "n_rows", "n_cols", "D", "stride_x", "stride_y", "CHUNK_N", "CHUNK_M",
+                             "row_slots", "col_slots"))
+    gemm = matmul._accumulate_matmul_kernel
+    gemm_types = dict(a_ptr="*" + g_dtype, b_ptr="*" + g_dtype, out_ptr="*fp32", alpha_ptr="*fp32",
+                      **ints("ROWS", "COLS", "K", "stride_ar", "stride_ak", "stride_bk", "stride_bc", "stride_or"))
+    builds = {
+        "forward": _compile_for_hopper(forward, forward_types, dict(
+            NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), tile_config),
+        "gradient tiles": _compile_for_hopper(grad, grad_types, dict(
+            HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True, HAS_ROW_TARGET=True,
+            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), tile_config),
+        "dX GEMM": _compile_for_hopper(gemm, gemm_types, dict(
+            ACCUMULATE=True, UPCAST=False, INPUT_PRECISION=precision, ROUND_BF16=False, stride_ak=1,
+            stride_bc=1), gemm_config),
+        "dY GEMM": _compile_for_hopper(gemm, gemm_types, dict(
+            ACCUMULATE=True, UPCAST=False, INPUT_PRECISION=precision, ROUND_BF16=False, stride_ar=1,
+            stride_bc=1), gemm_config),
+    }
+    for name, compiled in builds.items():
+        ptx = compiled.asm["ptx"]
+        if half:
+            assert "wgmma.mma_async" in ptx, f"{name}: no tensor-core (wgmma) instructions"
+        assert "cp.async" in ptx, f"{name}: loads are not pipelined (no cp.async)"
+        assert _spilled_bytes(compiled) == 0, f"{name}: registers spill to local memory"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at real sizes
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cuda_unit(n, d, dtype):
+    return F.normalize(torch.randn(n, d, device="cuda", dtype=torch.float32), dim=1).to(dtype)
+
+
+def _run_cuda_clip(x, y, scale, bias=None, image_labels=None, text_labels=None, smoothing=0.0):
+    import mmcl_fast
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    s = torch.tensor(scale, device="cuda", requires_grad=True)
+    b = None if bias is None else torch.tensor(bias, device="cuda", requires_grad=True)
+    loss = mmcl_fast.clip_loss(xs, ys, s, b, image_labels=image_labels, text_labels=text_labels,
+                               label_smoothing=smoothing)  # backend="auto" is triton on CUDA
+    loss.backward()
+    out = dict(loss=loss.detach(), dx=xs.grad, dy=ys.grad, dscale=s.grad)
+    if b is not None:
+        out["dbias"] = b.grad
+    return {k: v.cpu() for k, v in out.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,m,d,labels", [(4096, 4096, 768, False), (8192, 8192, 512, False),
+                                          (3000, 1001, 100, True), (257, 4099, 1000, True)])
+def test_clip_loss_matches_reference_gpu(dtype, n, m, d, labels):
+    x, y = _cuda_unit(n, d, dtype), _cuda_unit(m, d, dtype)
+    image_labels = torch.randint(0, m, (n,), device="cuda") if labels else None
+    text_labels = torch.randint(0, n, (m,), device="cuda") if labels else None
+    bias = -2.0 if labels else None
+    ours = _run_cuda_clip(x, y, 100.0, bias, image_labels, text_labels, smoothing=0.1 if labels else 0.0)
+    check_clip(ours, x, y, 100.0, bias, image_labels, text_labels, 0.1 if labels else 0.0, dtype)
+
+
+@pytest.mark.gpu
+def test_several_chunks_match_reference_gpu(monkeypatch):
+    monkeypatch.setenv("MMCL_FAST_TRITON_CHUNK_MB", "4")  # 2048 x 1024 fp16 / 1448 x 724 fp32 chunks
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = _cuda_unit(5000, 384, dtype), _cuda_unit(3001, 384, dtype)
+        il, tl = torch.randint(0, 3001, (5000,), device="cuda"), torch.randint(0, 5000, (3001,), device="cuda")
+        ours = _run_cuda_clip(x, y, 50.0, 1.0, il, tl, smoothing=0.05)
+        check_clip(ours, x, y, 50.0, 1.0, il, tl, 0.05, dtype)
+
+
+@pytest.mark.gpu
+def test_deterministic_bit_identical_gpu():
+    x, y = _cuda_unit(6000, 512, torch.bfloat16), _cuda_unit(6000, 512, torch.bfloat16)
+    first = _run_cuda_clip(x, y, 60.0, -1.0)
+    for _ in range(2):
+        again = _run_cuda_clip(x, y, 60.0, -1.0)
+        for name in first:
+            assert torch.equal(first[name], again[name]), name
+
+
+@pytest.mark.gpu
+def test_no_quadratic_memory_gpu():
+    """N = M = 65536, D = 256 bf16: the logits alone would take 16 GiB in fp32; we need inputs, gradients and
+    a 128 MiB staged chunk."""
+    import mmcl_fast
+    n, d = 65536, 256
+    x = _cuda_unit(n, d, torch.bfloat16).requires_grad_()
+    y = _cuda_unit(n, d, torch.bfloat16).requires_grad_()
+    scale = torch.tensor(30.0, device="cuda", requires_grad=True)
+    mmcl_fast.clip_loss(x, y, scale).backward()  # warm-up: autotuning keeps copies of its outputs
+    x.grad = y.grad = scale.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    mmcl_fast.clip_loss(x, y, scale).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    features = 2 * n * d * 2
+    assert extra < 6 * features + 256 * 2**20, f"peak {extra / 2**20:.0f} MiB above the inputs"
+    assert extra < n * n * 4 / 16, "within a constant factor of an N x N buffer"
+
+
+@pytest.mark.gpu
+def test_tf32_only_when_allowed_gpu():
+    """fp32 features are exact to 1e-5 by default; with allow_tf32 they are computed on TF32 tensor cores
+    (coarser, still close)."""
+    x, y = _cuda_unit(4096, 512, torch.float32), _cuda_unit(4096, 512, torch.float32)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = _run_cuda_clip(x, y, 100.0)
+        check_clip(exact, x, y, 100.0, None, None, None, 0.0, torch.float32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        fast = _run_cuda_clip(x, y, 100.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert_rel_close(fast["loss"], exact["loss"], 1e-3, "tf32 loss")
+    assert_rel_close(fast["dx"], exact["dx"], 2e-2, "tf32 d image_features")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3])
