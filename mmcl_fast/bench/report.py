@@ -89,4 +89,7 @@ def print_report(results: dict, console: Console | None = None) -> None:
     console = console or report_console()
     for table in tables(results):
         console.print(table)
+    for loss, unavailable in results["machine"].get("unavailable_impls", {}).items():
+        for impl, reason in unavailable.items():
+            console.print(f"[dim]{loss}: {impl} not run ({reason})[/dim]")
     console.print(f"[dim]{machine_line(results['machine'])}[/dim]")
