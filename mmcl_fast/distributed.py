@@ -21,9 +21,10 @@ Rank r owns the row terms of its images and the column terms of its captions. Pe
 
 Image features are never gathered: the column direction comes from merging LSE partials. Memory per rank is
 O(N * D) (the gathered captions and their gradient; W * max_r N_r * D with the padding of uneven batches) plus
-O(N) vectors; nothing of size N_r x N exists outside the `reference` backend. Compute: each rank streams its N_r x N block once forward and once backward, so the ranks
-together do the single-process work. Communication per step: N*D (gather) + 2N (merge) forward, N (column grads)
-+ N*D (reduce-scatter) backward.
+O(N) vectors; nothing of size N_r x N exists outside the `reference` backend. Compute: each rank streams its
+N_r x N block once forward and once backward (the primitive's 4 GEMM-equivalents), so the ranks together do the
+single-process work. Communication per step: N*D (gather) + 2N (merge) forward, N (column grads) + N*D
+(reduce-scatter) backward.
 """
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ def _scenario_function(rank, world, cases, backend, device) -> dict:
     for name, case in cases.items():
         for local_loss in (False, True):
             results[name, local_loss] = _run_and_backward(
-                lambda x, y, s, b: mdist.clip_loss(x, y, s, b, local_loss=local_loss, backend=backend),
+                lambda x, y, s, b, local_loss=local_loss: mdist.clip_loss(x, y, s, b, local_loss=local_loss,
+                                                                      backend=backend),
                 case, rank, world, device)
     return results
 
@@ -311,8 +312,8 @@ def _scenario_memory(rank, world, cases, backend, device) -> dict:
 
 
 _SCENARIOS = {"memory": _scenario_memory, "function": _scenario_function,
-              "no_reduce_scatter": _scenario_no_reduce_scatter, "module": _scenario_module, "open_clip": _scenario_open_clip,
-              "errors": _scenario_errors}
+              "no_reduce_scatter": _scenario_no_reduce_scatter, "module": _scenario_module,
+              "open_clip": _scenario_open_clip, "errors": _scenario_errors}
 BACKENDS = ("reference", "auto")
 
 
@@ -376,7 +377,7 @@ def test_cliploss_matches_open_clip_gather_with_grad(gloo_group):
     open_clip_results = _block(per_rank, "open_clip:")
     for local_loss in (False, True):
         what = f"local_loss={local_loss}"
-        for rank, (result, open_clip_result) in enumerate(zip(results, open_clip_results)):
+        for rank, (result, open_clip_result) in enumerate(zip(results, open_clip_results, strict=True)):
             ours, theirs = result["equal", local_loss, True], open_clip_result[local_loss]
             assert_rel_close(ours["loss"], theirs["loss"], LOSS_RTOL[torch.float32], f"rank {rank} {what} loss")
             for key in ("d_image", "d_text"):
