@@ -164,6 +164,8 @@ def test_tiny_bench_writes_results_and_plots(capsys, tmp_path):
             assert rec["rel_err"] <= LOSS_RTOL[dtype], rec
         if rec["impl"] == "open_clip":
             assert rec["speedup"] == 1.0
+    summary = (out / "summary.md").read_text()
+    assert "| N | mmcl_fast | open_clip | naive |" in summary and "| 128 |" in summary
     for name in ("time_vs_n.png", "memory_vs_n.png"):
         with open(out / name, "rb") as png:
             assert png.read(8) == PNG_MAGIC

@@ -168,6 +168,7 @@ def main(args: argparse.Namespace) -> int:
     print_report(results, console)
     out = config.out
     console.print(f"results: {out / 'results.json'}")
+    console.print(f"summary: {out / 'summary.md'}")
     for plot in results.get("plots", []):
         console.print(f"plot:    {plot}")
     errors = [r for r in results["records"] if r["status"] == "error"]

@@ -77,6 +77,44 @@ def tables(results: dict) -> list[Table]:
     return out
 
 
+def markdown_summary(results: dict) -> str:
+    """A README-ready markdown table per (loss, D, dtype): time and peak memory of every impl at each N, and
+    mmcl_fast's speedup and memory saving against the anchor."""
+    machine = results["machine"]
+    groups: dict[tuple, list[dict]] = {}
+    for rec in results["records"]:
+        groups.setdefault((rec["loss"], rec["d"], rec["dtype"]), []).append(rec)
+    lines = [f"Machine: {machine_line(machine)}; {machine.get('date')}; memory budget "
+             f"{machine.get('mem_budget_mib', 0) / 1024:.1f} GiB.", ""]
+    for (loss, d, dtype), recs in groups.items():
+        anchor = results.get("anchors", {}).get(loss, "open_clip")
+        impls = list(dict.fromkeys(r["impl"] for r in recs))
+        cell = {(r["impl"], r["n"]): r for r in recs}
+        rate = machine.get("matmul_gflops", {}).get(dtype)
+        lines.append(f"**{loss}, D={d}, {dtype}, {machine.get('device')}** (forward+backward, median seconds / "
+                     f"peak MiB{f'; torch matmul {rate:,.0f} GFLOP/s' if rate else ''})")
+        lines.append("")
+        header = ["N"] + impls + [f"mmcl_fast speedup vs {anchor}", "memory saving"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---:|" * len(header))
+        for n in sorted({r["n"] for r in recs}):
+            row = [f"{n:,}"]
+            for impl in impls:
+                rec = cell.get((impl, n))
+                if rec is None:
+                    row.append("")
+                elif rec["status"] == "ok":
+                    row.append(f"{_seconds(rec['seconds'])} / {rec['peak_mib']:,.0f}")
+                else:
+                    row.append("over budget" if rec.get("over_budget") else rec["status"])
+            ours = cell.get(("mmcl_fast", n))
+            row.append(_ratio(ours and ours["speedup"]))
+            row.append(_ratio(ours and ours["memory_ratio"]))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def report_console() -> Console:
     """stdout; at least 150 columns when it is not a terminal (a file or a pipe), so rows do not wrap."""
     console = Console()

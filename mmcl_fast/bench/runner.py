@@ -150,7 +150,7 @@ def run(config: BenchConfig, *, progress_console=None, show_progress: bool = Tru
     """Run the sweep described by `config` (already validated, see cli.py); returns the results dict.
 
     Writes ``config.out/results.json`` after every record (a long sweep that is stopped keeps what it
-    measured), then the PNG plots.
+    measured), then ``summary.md`` (README-ready tables) and the PNG plots.
     """
     config = config.resolved()
     device = torch.device(config.device)
@@ -232,6 +232,8 @@ def run(config: BenchConfig, *, progress_console=None, show_progress: bool = Tru
         shutil.rmtree(scratch, ignore_errors=True)
     _add_ratios(records, results["anchors"])
     _write_json(results_path, results)
+    from .report import markdown_summary
+    (out / "summary.md").write_text(markdown_summary(results))
     if config.plots:
         from .plot import plot_results
         results["plots"] = [str(p) for p in plot_results(results, out)]
