@@ -8,6 +8,7 @@ same inputs (saved once to a temporary file) and is checked against one float64 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -181,53 +182,17 @@ def run(config: BenchConfig, *, progress_console=None, show_progress: bool = Tru
         with progress:
             task = progress.add_task("benchmark", total=total)
             for loss_name, (impl_names, _) in plan.items():
-                loss = get_loss(loss_name)
-                for d in config.dims:
-                    for dtype_name in config.dtypes:
-                        failed_at: dict[str, int] = {}
-                        for n in sorted(config.sizes):
-                            inputs_path, reference = None, None
-                            for impl_name in impl_names:
-                                impl = loss.impls[impl_name]
-                                dtype = DTYPES[dtype_name]
-                                estimate = impl.estimate_bytes(n, n, d, dtype)
-                                rec = _record(loss_name, impl_name, n, d, dtype_name, config.device, estimate)
-                                progress.update(task, description=f"{loss_name} {impl_name:>9} n={n} d={d} "
-                                                                  f"{dtype_name}")
-                                reason = impl.unavailable(device, d)
-                                if reason is None and impl_name in failed_at:
-                                    reason = f"out of memory at n={failed_at[impl_name]}"
-                                if reason is None and estimate > config.mem_budget_bytes:
-                                    rec["over_budget"] = True
-                                    reason = (f"estimated {estimate / GIB:.2f} GiB > memory budget "
-                                              f"{config.mem_budget_bytes / GIB:.2f} GiB")
-                                if reason is not None:
-                                    rec["note"] = reason
-                                else:
-                                    if inputs_path is None:
-                                        inputs = loss.make_inputs(n, d, dtype, config.seed)
-                                        inputs_path = scratch / f"{loss_name}_{n}_{d}_{dtype_name}.pt"
-                                        torch.save(inputs, inputs_path)
-                                        reference = loss.reference(
-                                            {k: v.to(device) for k, v in inputs.items()}, loss.params)
-                                        del inputs
-                                    job = {"loss": loss_name, "impl": impl_name, "n": n, "d": d,
-                                           "dtype": dtype_name, "device": config.device,
-                                           "inputs_path": str(inputs_path), "options": {"backend": config.backend},
-                                           "timing": config.timing(), "threads": config.threads}
-                                    if device.type == "cpu":
-                                        result = measure_isolated(job, RECORD_TIMEOUT_SECONDS)
-                                    else:
-                                        result = measure(job)
-                                    _fill(rec, result, reference, loss.flops(n, n, d),
-                                          machine["matmul_gflops"].get(dtype_name))
-                                    if rec["status"] == "oom":
-                                        failed_at[impl_name] = n
-                                records.append(rec)
-                                _write_json(results_path, results)
-                                progress.update(task, advance=1)
-                            if inputs_path is not None:
-                                inputs_path.unlink(missing_ok=True)
+                for d, dtype_name in itertools.product(config.dims, config.dtypes):
+                    failed_at: dict[str, int] = {}  # impl -> the N where it ran out of memory
+                    for n in sorted(config.sizes):
+                        problem = _Problem(get_loss(loss_name), n, d, dtype_name, config, scratch)
+                        for impl_name in impl_names:
+                            progress.update(task, description=f"{loss_name} {impl_name:>9} n={n} d={d} {dtype_name}")
+                            rec = _run_record(problem, impl_name, config, machine, failed_at)
+                            records.append(rec)
+                            _write_json(results_path, results)
+                            progress.update(task, advance=1)
+                        problem.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _add_ratios(records, results["anchors"])
@@ -238,6 +203,62 @@ def run(config: BenchConfig, *, progress_console=None, show_progress: bool = Tru
         from .plot import plot_results
         results["plots"] = [str(p) for p in plot_results(results, out)]
     return results
+
+
+class _Problem:
+    """One (loss, N, D, dtype): its inputs, saved once for every impl's child process, and its float64 loss.
+
+    Both are made on first use, so a problem whose impls are all skipped costs nothing."""
+
+    def __init__(self, loss, n: int, d: int, dtype_name: str, config: BenchConfig, scratch: Path):
+        self.loss, self.n, self.d, self.dtype_name = loss, n, d, dtype_name
+        self.device = torch.device(config.device)
+        self._seed = config.seed
+        self._path = scratch / f"{loss.name}_{n}_{d}_{dtype_name}.pt"
+        self._reference = None
+
+    def inputs_path(self) -> Path:
+        if not self._path.exists():
+            inputs = self.loss.make_inputs(self.n, self.d, DTYPES[self.dtype_name], self._seed)
+            torch.save(inputs, self._path)
+            self._reference = self.loss.reference({k: v.to(self.device) for k, v in inputs.items()},
+                                                  self.loss.params)
+        return self._path
+
+    def reference(self) -> float:
+        self.inputs_path()
+        return self._reference
+
+    def close(self) -> None:
+        self._path.unlink(missing_ok=True)
+
+
+def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine: dict,
+                failed_at: dict[str, int]) -> dict:
+    """Measure one impl on one problem, or record why it was skipped."""
+    loss, n, d, dtype_name = problem.loss, problem.n, problem.d, problem.dtype_name
+    impl = loss.impls[impl_name]
+    estimate = impl.estimate_bytes(n, n, d, DTYPES[dtype_name])
+    rec = _record(loss.name, impl_name, n, d, dtype_name, config.device, estimate)
+    reason = impl.unavailable(problem.device, d)
+    if reason is None and impl_name in failed_at:
+        reason = f"out of memory at n={failed_at[impl_name]}"
+    if reason is None and estimate > config.mem_budget_bytes:
+        rec["over_budget"] = True
+        reason = (f"estimated {estimate / GIB:.2f} GiB > memory budget "
+                  f"{config.mem_budget_bytes / GIB:.2f} GiB")
+    if reason is not None:
+        rec["note"] = reason
+        return rec
+    job = {"loss": loss.name, "impl": impl_name, "n": n, "d": d, "dtype": dtype_name, "device": config.device,
+           "inputs_path": str(problem.inputs_path()), "options": {"backend": config.backend},
+           "timing": config.timing(), "threads": config.threads}
+    # CPU: a fresh process per record (peak RSS is the record's own); CUDA: the allocator's counters in-process
+    result = measure_isolated(job, RECORD_TIMEOUT_SECONDS) if problem.device.type == "cpu" else measure(job)
+    _fill(rec, result, problem.reference(), loss.flops(n, n, d), machine["matmul_gflops"].get(dtype_name))
+    if rec["status"] == "oom":
+        failed_at[impl_name] = n
+    return rec
 
 
 def _fill(rec: dict, result: dict, reference: float, flops: int, ceiling_gflops: float | None) -> None:
