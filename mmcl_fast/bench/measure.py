@@ -74,6 +74,7 @@ def measure(job: dict) -> dict:
     dtype = DTYPES[job["dtype"]]
     options = job.get("options", {})
     try:
+        # 1. the problem's inputs, exactly as the float64 reference saw them
         with torch.no_grad():
             saved = torch.load(job["inputs_path"], map_location="cpu", weights_only=True)
             inputs = {name: tensor.to(device) for name, tensor in saved.items()}
