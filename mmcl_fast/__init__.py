@@ -1,4 +1,5 @@
 """mmcl_fast: exact, memory-efficient multimodal contrastive losses with fused CPU and Triton kernels."""
+from . import distributed
 from ._ops import affine_lse
 from .losses.bridge import BrownianBridgeLoss, brownian_bridge_loss
 from .losses.clip import ClipLoss, clip_loss

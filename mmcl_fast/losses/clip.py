@@ -77,6 +77,7 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             from .. import distributed
             loss = distributed.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                                         local_loss=self.local_loss, rank=self.rank, world_size=self.world_size,
                                          backend=self.backend)
         else:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
