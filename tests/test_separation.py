@@ -68,7 +68,7 @@ def dense_uniformity(x, t=2.0):
 def dense_separation(image, text, image_indep, text_indep, image_indep_aug, text_indep_aug, temperature=0.07,
                      t=2.0):
     n = image.shape[0]
-    diag = torch.arange(n)
+    diag = torch.arange(n, device=image.device)
     ortho = ((image * image_indep).sum(1) ** 2 + (text * text_indep).sum(1) ** 2).mean()
     contrast = (F.cross_entropy(image_indep @ image_indep_aug.T / temperature, diag)
                 + F.cross_entropy(text_indep @ text_indep_aug.T / temperature, diag))

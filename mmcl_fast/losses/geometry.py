@@ -1,23 +1,27 @@
 """Geometric-consistency losses (SPEC §3, Jiang et al. CVPR 2023), exact in O(N*D^2) time and O(D^2) memory.
 
     L_GC   = (1/N) sum_jk [(<v_j,w_k> - <v_k,w_j>)^2 + (<v_j,v_k> - <w_j,w_k>)^2]
-    L^a_GC = (1/N) sum_jk [(<v_j,v_k> - <a_j,a_k>)^2 + (<w_j,w_k> - <b_j,b_k>)^2] + (1/N) sum_j (<v_j,w_j> - <a_j,b_j>)^2
+    L^a_GC = (1/N) sum_jk [(<v_j,v_k> - <a_j,a_k>)^2 + (<w_j,w_k> - <b_j,b_k>)^2]
+             + (1/N) sum_j (<v_j,w_j> - <a_j,b_j>)^2
 
 (v, w: image and text features; a, b: their augmented views.) No N x N matrix is formed. With the difference
-and sum features D = V - W, S = V + W, the (j, k) entry of the two L_GC brackets is the antisymmetric and the
-symmetric part of <D_j, S_k>, so their squares add up to
+and sum features E = V - W, S = V + W, the (j, k) entry of the two L_GC brackets is the symmetric and the
+antisymmetric part of <E_j, S_k>, so their squares add up to
 
-    L_GC = (1/N) ||D S^T||_F^2 = (1/N) <D^T D, S^T S>_F                          (two D x D Grams)
+    L_GC = (1/N) ||E S^T||_F^2 = (1/N) <E^T E, S^T S>_F                          (two D x D Grams)
 
-and, with D = V - A, S = V + A (and the same for the text pair), V V^T - A A^T = (D S^T + S D^T) / 2 gives
+and, with E = V - A, S = V + A (and the same for the text pair), V V^T - A A^T = (E S^T + S E^T) / 2 gives
 
-    ||V V^T - A A^T||_F^2 = (<D^T D, S^T S>_F + tr(C C)) / 2,    C = S^T D.
+    ||V V^T - A A^T||_F^2 = (<E^T E, S^T S>_F + tr(C C)) / 2,    C = S^T E.
 
-Written this way nothing cancels when the views are nearly aligned (D is small, and so is the loss): the Grams are
-accumulated in float64 over row blocks (inputs are read block by block, never up-cast whole), and the gradients
-come from the same Grams in a closed form: for f = <D^T D, S^T S>, df/dD = 2 D (S^T S), df/dS = 2 S (D^T D); for
-g = (<D^T D, S^T S> + tr(C C)) / 2, dg/dD = D (S^T S) + S C^T and dg/dS = S (D^T D) + D C.
-Work: 2 N D^2 multiply-adds per Gram (2 Grams for L_GC, 3 per augmented pair), the same again in the backward.
+Written this way nothing cancels when the views are nearly aligned (E is small, and so is the loss). One
+cancellation is left: when A is an orthogonal map of V (A = V R, the same Gram structure) the term is 0 while
+tr(C C) = -<E^T E, S^T S> is not small; the Grams are therefore accumulated in float64 over row blocks (inputs
+are read block by block, never up-cast whole). The gradients come from the same Grams in closed form: for
+f = <E^T E, S^T S>, df/dE = 2 E (S^T S), df/dS = 2 S (E^T E); for g = (<E^T E, S^T S> + tr(C C)) / 2,
+dg/dE = E (S^T S) + S C^T and dg/dS = S (E^T E) + E C.
+Work: N D^2 multiply-adds per Gram (2 Grams for L_GC, 3 per augmented pair) and per (N, D) x (D, D) product in
+the backward (2 for L_GC, 4 per augmented pair), in float64; memory O(D^2) plus row-block temporaries.
 """
 from __future__ import annotations
 
