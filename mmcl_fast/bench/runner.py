@@ -103,6 +103,10 @@ def impls_for(config: BenchConfig, loss_name: str) -> tuple[list[str], dict[str,
     return [name for name in wanted if name not in unavailable], unavailable
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.0f} MiB"
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as out:
@@ -245,8 +249,7 @@ def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine:
         reason = f"out of memory at n={failed_at[impl_name]}"
     if reason is None and estimate > config.mem_budget_bytes:
         rec["over_budget"] = True
-        reason = (f"estimated {estimate / GIB:.2f} GiB > memory budget "
-                  f"{config.mem_budget_bytes / GIB:.2f} GiB")
+        reason = f"estimated {_size(estimate)} > memory budget {_size(config.mem_budget_bytes)}"
     if reason is not None:
         rec["note"] = reason
         return rec
