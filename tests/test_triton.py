@@ -33,7 +33,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------------------------------------------------------
 
 def _clip(id, n, m, d, dtype="float32", scale=100.0, bias=None, labels=False, smoothing=0.0, **options):
-    """A clip_loss case; options: chunk_mb (staged-G budget), max_splits (forward grid), layout="trap"."""
+    """A clip_loss case; options: chunk_mb (staged-G budget), max_splits (forward grid), layout="trap",
+    loss_weight (the loss is multiplied by it before backward), padded (features are column slices)."""
     return dict(id=id, kind="clip", n=n, m=m, d=d, dtype=dtype, scale=scale, bias=bias, labels=labels,
                 smoothing=smoothing, **options)
 
@@ -61,6 +62,11 @@ CLIP_CASES = [
     _clip("bf16-chunks-65x40-d37", 65, 40, 37, dtype="bfloat16", labels=True, smoothing=0.1, chunk_mb=0.003),
     _clip("fp16-65-d37", 65, 65, 37, dtype="float16"),
     _clip("fp16-rect-20x50-d64", 20, 50, 64, dtype="float16", scale=14.3, bias=1.0, labels=True, smoothing=0.1),
+    # gradients of 1e-7 x the loss: without the power-of-two lift, fp16-staged G would flush to zero
+    _clip("fp16-small-grads-40-d32", 40, 40, 32, dtype="float16", scale=20.0, loss_weight=1e-3),
+    _clip("bf16-tiny-grads-40-d32", 40, 40, 32, dtype="bfloat16", loss_weight=1e-7),
+    # features with a row stride larger than D (a column slice of a wider tensor)
+    _clip("row-stride-50x30-d20", 50, 30, 20, labels=True, bias=0.5, padded=True),
 ]
 
 LSE_CASES = [
@@ -141,15 +147,19 @@ def _run_case(case, inputs) -> dict:
         os.environ["MMCL_FAST_TRITON_CHUNK_MB"] = str(case["chunk_mb"])
     try:
         if case["kind"] == "clip":
-            x = inputs["x"].clone().requires_grad_()
-            y = inputs["y"].clone().requires_grad_()
+            pad = 7 if case.get("padded") else 0
+            x_base = F.pad(inputs["x"], (0, pad)).requires_grad_()
+            y_base = F.pad(inputs["y"], (0, pad)).requires_grad_()
+            x, y = x_base[:, :case["d"]], y_base[:, :case["d"]]
+            assert x.stride(0) == case["d"] + pad
             scale = torch.tensor(case["scale"], requires_grad=True)
             bias = None if case["bias"] is None else torch.tensor(case["bias"], requires_grad=True)
             loss = mmcl_fast.clip_loss(x, y, scale, bias, image_labels=inputs.get("image_labels"),
                                        text_labels=inputs.get("text_labels"),
                                        label_smoothing=case["smoothing"], backend="triton")
-            loss.backward()
-            out = dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dscale=scale.grad)
+            (loss * case.get("loss_weight", 1.0)).backward()
+            out = dict(loss=loss.detach(), dx=x_base.grad[:, :case["d"]], dy=y_base.grad[:, :case["d"]],
+                       dscale=scale.grad)
             if bias is not None:
                 out["dbias"] = bias.grad
             return out
@@ -236,7 +246,8 @@ def reference_clip(x, y, scale, bias, image_labels, text_labels, smoothing):
                   + F.cross_entropy(logits.T, tl, label_smoothing=smoothing))
 
 
-def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothing, dtype) -> None:
+def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothing, dtype,
+               loss_weight: float = 1.0) -> None:
     """Compare our loss and gradients with the float64 cross_entropy reference on the same rounded inputs."""
     xr = x.detach().to("cpu", torch.float64).requires_grad_()
     yr = y.detach().to("cpu", torch.float64).requires_grad_()
@@ -245,7 +256,7 @@ def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothi
     il = None if image_labels is None else image_labels.cpu()
     tl = None if text_labels is None else text_labels.cpu()
     ref = reference_clip(xr, yr, sr, br, il, tl, smoothing)
-    ref.backward()
+    (ref * loss_weight).backward()
     assert ours["loss"].dtype == torch.float32 and ours["dx"].dtype == dtype and ours["dy"].dtype == dtype
     assert_rel_close(ours["loss"], ref, LOSS_RTOL[dtype], "loss")
     assert_rel_close(ours["dx"], xr.grad, GRAD_RTOL[dtype], "d image_features")
@@ -263,7 +274,8 @@ def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothi
 def test_clip_loss_matches_reference_interpreted(interpreted, case):
     inputs = make_inputs(case)
     check_clip(_ours(interpreted, case), inputs["x"], inputs["y"], case["scale"], case["bias"],
-               inputs.get("image_labels"), inputs.get("text_labels"), case["smoothing"], DTYPES[case["dtype"]])
+               inputs.get("image_labels"), inputs.get("text_labels"), case["smoothing"], DTYPES[case["dtype"]],
+               case.get("loss_weight", 1.0))
 
 
 @pytest.mark.parametrize("case", LSE_CASES, ids=[c["id"] for c in LSE_CASES])
