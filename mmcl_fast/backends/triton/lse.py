@@ -410,14 +410,21 @@ def _launch_lse_partials(x, y, scale, row_bias, col_bias, need_row, need_col):
 
 
 def _chunk_shape(n: int, m: int, element_size: int) -> tuple[int, int]:
-    """Rows x columns of the staged G chunk: at most MMCL_FAST_TRITON_CHUNK_MB MiB, as square as allowed."""
+    """Rows x columns of the staged G chunk: at most MMCL_FAST_TRITON_CHUNK_MB MiB (default 128), square when
+    both sides are long (GEMMs with long K both ways), the whole of a short side otherwise."""
     budget = float(os.environ.get("MMCL_FAST_TRITON_CHUNK_MB", "128")) * 2**20
     elements = max(int(budget // element_size), 1)
     align = 1 if interpreting() else 256
-    side = max(align, (math.isqrt(elements) // align) * align)
-    chunk_m = min(m, side)
-    chunk_n = min(n, max(align, (elements // chunk_m // align) * align), max(1, elements // chunk_m))
-    return max(chunk_n, 1), chunk_m
+
+    def fit(length: int) -> int:  # the longest side <= elements // length, in whole alignment units
+        return max(align, elements // length // align * align, 1 if align == 1 else align)
+
+    side = max(align, math.isqrt(elements) // align * align)
+    if n <= side:
+        return n, min(m, fit(n))
+    if m <= side:
+        return min(n, fit(m)), m
+    return side, side
 
 
 def _pow2_below(bound: Tensor, top: int) -> Tensor:
