@@ -317,6 +317,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 _TUNING_SIDE = 65536  # the forward is autotuned on at most this many rows and columns
+_TUNED: set = set()  # (D, dtype, precision, need_row, need_col, device) already tuned on a corner
 
 
 def _size_class(n: int) -> int:
@@ -385,9 +386,6 @@ def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     return _launch_lse_partials(x, y, scale, row_bias, col_bias, need_row, need_col)
 
 
-_TUNED: set = set()
-
-
 def _launch_lse_partials(x, y, scale, row_bias, col_bias, need_row, need_col):
     n, d = x.shape
     m = y.shape[0]
@@ -417,7 +415,7 @@ def _chunk_shape(n: int, m: int, element_size: int) -> tuple[int, int]:
     align = 1 if interpreting() else 256
 
     def fit(length: int) -> int:  # the longest side <= elements // length, in whole alignment units
-        return max(align, elements // length // align * align, 1 if align == 1 else align)
+        return max(align, elements // length // align * align)
 
     side = max(align, math.isqrt(elements) // align * align)
     if n <= side:
