@@ -83,24 +83,57 @@ def _empty_like_vector(x: Tensor, acc: torch.dtype) -> Tensor:
     return x.new_empty((0,), dtype=acc)
 
 
+_STATS_BLOCK_ROWS = 1 << 16  # rows per block of the O(N*D) statistics: bounds their fp32 temporaries
+
+
 def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary."""
     return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
 
 
+def _blocked_rowdot(a: Tensor, b: Tensor, b_rows: Tensor | None, acc: torch.dtype) -> Tensor:
+    """_rowdot(a, b[b_rows]) over blocks of rows: fp32 copies and the gather never exceed one block."""
+    out = torch.empty(a.shape[0], dtype=acc, device=a.device)
+    for start in range(0, a.shape[0], _STATS_BLOCK_ROWS):
+        stop = min(start + _STATS_BLOCK_ROWS, a.shape[0])
+        rows = b[start:stop] if b_rows is None else b[b_rows[start:stop]]
+        out[start:stop] = _rowdot(a[start:stop], rows, acc)
+    return out
+
+
+def _blocked_weighted_sum(a: Tensor, weights: Tensor | None, acc: torch.dtype) -> Tensor:
+    """sum_i weights_i a_i (weights None = 1) in `acc`, one block of rows at a time."""
+    total = torch.zeros(a.shape[1], dtype=acc, device=a.device)
+    for start in range(0, a.shape[0], _STATS_BLOCK_ROWS):
+        block = a[start:start + _STATS_BLOCK_ROWS].to(acc)
+        if weights is not None:
+            block = weights[start:start + _STATS_BLOCK_ROWS, None] * block
+        total += block.sum(0)
+    return total
+
+
+def _blocked_matvec(a: Tensor, v: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ v in `acc`, one block of rows at a time."""
+    return torch.cat([a[start:start + _STATS_BLOCK_ROWS].to(acc) @ v
+                      for start in range(0, a.shape[0], _STATS_BLOCK_ROWS)])
+
+
 def _linear_stats(x, y, scale, row_bias, col_bias, row_target, col_target, need_sums):
+    """Positives' logits and row / column sums of L, O((N + M) D) work, bounded temporaries (no autograd)."""
     acc = scale.dtype
-    empty = _empty_like_vector(x, acc)
-    row_pos = col_pos = row_sum = col_sum = empty
+    # outputs of a custom op must not alias each other: a fresh empty tensor for each absent one
+    row_pos, col_pos, row_sum, col_sum = (_empty_like_vector(x, acc) for _ in range(4))
     if row_target.numel():
-        row_pos = scale * _rowdot(x, y[row_target], acc) + row_bias + col_bias[row_target]
+        row_pos = scale * _blocked_rowdot(x, y, row_target, acc) + row_bias + col_bias[row_target]
     if col_target.numel():
-        col_pos = scale[col_target] * _rowdot(x[col_target], y, acc) + row_bias[col_target] + col_bias
+        col_pos = (scale[col_target] * _blocked_rowdot(y, x, col_target, acc) + row_bias[col_target]
+                   + col_bias)
     if need_sums:
         n, m = x.shape[0], y.shape[0]
-        row_sum = scale * (x.to(acc) @ y.to(acc).sum(0)) + m * row_bias + col_bias.sum()
-        col_sum = y.to(acc) @ (scale[:, None] * x.to(acc)).sum(0) + row_bias.sum() + n * col_bias
-    return row_pos.clone(), col_pos.clone(), row_sum.clone(), col_sum.clone()
+        row_sum = scale * _blocked_matvec(x, _blocked_weighted_sum(y, None, acc), acc) + m * row_bias + col_bias.sum()
+        col_sum = (_blocked_matvec(y, _blocked_weighted_sum(x, scale, acc), acc) + row_bias.sum()
+                   + n * col_bias)
+    return row_pos, col_pos, row_sum, col_sum
 
 
 @torch.library.custom_op("mmcl_fast::lse_fwd", mutates_args=())

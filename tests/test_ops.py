@@ -174,3 +174,23 @@ def test_memory_acceptance_n32768_d512():
     """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs."""
     growth, inputs = _peak_growth_kib(32768, 512)
     assert growth <= 4 * inputs, f"peak RSS grew by {growth / 1024:.0f} MiB, 4x inputs = {4 * inputs / 1024:.0f} MiB"
+
+
+def test_blocked_linear_statistics(monkeypatch):
+    """Positives and label-smoothing sums are computed over row blocks (bounded temporaries): force tiny blocks."""
+    from mmcl_fast import _ops
+    monkeypatch.setattr(_ops, "_STATS_BLOCK_ROWS", 7)
+    x, y = torch.randn(50, 9), torch.randn(23, 9)
+    image_labels, text_labels = torch.randint(0, 23, (50,)), torch.randint(0, 50, (23,))
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = mmcl_fast.clip_loss(xs, ys, 2.0, 0.3, image_labels=image_labels, text_labels=text_labels,
+                               label_smoothing=0.3)
+    loss.backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    logits = 2.0 * xr @ yr.T + 0.3
+    ref = 0.5 * (F.cross_entropy(logits, image_labels, label_smoothing=0.3)
+                 + F.cross_entropy(logits.T, text_labels, label_smoothing=0.3))
+    ref.backward()
+    assert_rel_close(loss, ref, 1e-5, "loss")
+    assert_rel_close(xs.grad, xr.grad, 1e-5, "d image")
+    assert_rel_close(ys.grad, yr.grad, 1e-5, "d text")
