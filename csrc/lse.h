@@ -211,16 +211,10 @@ struct Kernel {
         }
     }
 
-    // ---------------------------------------------------------------------------------------------------------
-    // forward
-    // ---------------------------------------------------------------------------------------------------------
-    void forward(float* row_lse, float* col_lse) const {
-        const bool need_row = row_lse != nullptr, need_col = col_lse != nullptr;
-        const float ninf = -std::numeric_limits<float>::infinity();
-        const int64_t mpad_total = round_up(p.m, NC);
-        std::vector<float> row_max(p.n, ninf), row_sum(p.n, 0.0f);
-        std::vector<float> col_max(mpad_total, ninf), col_sum(mpad_total, 0.0f);
-
+    // The ring schedule over all tiles: in step s thread t visits row group t x column group (t + s) mod T, column
+    // block outer (loaded once), row block inner; `consume(scratch, i0, mc, j0, nc)` gets each similarity tile.
+    template <class Consume>
+    void sweep(bool need_f32_rows, Consume&& consume) const {
 #pragma omp parallel num_threads(threads)
         {
 #ifdef _OPENMP
@@ -233,18 +227,33 @@ struct Kernel {
                 const int cg = (t + step) % threads;
                 for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
                     const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
-                    load_col_block(s, j0, nc, false);
+                    load_col_block(s, j0, nc, need_f32_rows);
                     for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
                         const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
-                        load_row_block(s, i0, mc, false);
+                        load_row_block(s, i0, mc, need_f32_rows);
                         similarity_tile(s, mc, nc);
-                        forward_tile(s, i0, mc, j0, nc, need_row, need_col, row_max.data() + i0, row_sum.data() + i0,
-                                     col_max.data() + j0, col_sum.data() + j0);
+                        consume(s, i0, mc, j0, nc);
                     }
                 }
 #pragma omp barrier
             }
         }
+    }
+
+    // ---------------------------------------------------------------------------------------------------------
+    // forward
+    // ---------------------------------------------------------------------------------------------------------
+    void forward(float* row_lse, float* col_lse) const {
+        const bool need_row = row_lse != nullptr, need_col = col_lse != nullptr;
+        const float ninf = -std::numeric_limits<float>::infinity();
+        const int64_t mpad_total = round_up(p.m, NC);
+        std::vector<float> row_max(p.n, ninf), row_sum(p.n, 0.0f);
+        std::vector<float> col_max(mpad_total, ninf), col_sum(mpad_total, 0.0f);
+
+        sweep(false, [&](Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc) {
+            forward_tile(s, i0, mc, j0, nc, need_row, need_col, row_max.data() + i0, row_sum.data() + i0,
+                         col_max.data() + j0, col_sum.data() + j0);
+        });
         if (need_row)
             for (int64_t i = 0; i < p.n; ++i) row_lse[i] = row_max[i] + std::log(row_sum[i]);
         if (need_col)
@@ -325,32 +334,12 @@ struct Kernel {
         std::fill(dy_acc, dy_acc + mpad_total * dp, 0.0f);
         for (int64_t i = 0; i < p.n; ++i) { dscale[i] = 0.0f; drow[i] = 0.0f; }
 
-#pragma omp parallel num_threads(threads)
-        {
-#ifdef _OPENMP
-            const int t = omp_get_thread_num();
-#else
-            const int t = 0;
-#endif
-            Scratch s(p.d, dp, bf16_dot);
-            for (int step = 0; step < threads; ++step) {
-                const int cg = (t + step) % threads;
-                for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
-                    const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
-                    load_col_block(s, j0, nc, true);
-                    for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
-                        const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
-                        load_row_block(s, i0, mc, true);
-                        similarity_tile(s, mc, nc);
-                        backward_tile(s, i0, mc, j0, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
-                                      lse_c.data() + j0, g_c.data() + j0, const_c.data() + j0, use_col, ex, dscale,
-                                      drow, dcol_acc.data() + j0);
-                        gradient_gemms(s, i0, mc, j0, nc, dx_acc, dy_acc);
-                    }
-                }
-#pragma omp barrier
-            }
-        }
+        sweep(true, [&](Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc) {
+            backward_tile(s, i0, mc, j0, nc, use_row ? row_lse : nullptr, use_row ? grad_row : nullptr,
+                          lse_c.data() + j0, g_c.data() + j0, const_c.data() + j0, use_col, ex, dscale, drow,
+                          dcol_acc.data() + j0);
+            gradient_gemms(s, i0, mc, j0, nc, dx_acc, dy_acc);
+        });
         for (int64_t j = 0; j < p.m; ++j) dcol[j] = dcol_acc[j];
     }
 
