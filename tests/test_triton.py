@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402 (tests/ on sys.path first)
+from test_clip import reference_clip  # noqa: E402  (the float64 reference shared with the CPU tests)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -215,17 +216,6 @@ def _ours(interpreted, case) -> dict:
     if "error" in out:
         pytest.fail(f"case {case['id']} raised in the interpreter worker:\n{out['error']}")
     return out
-
-
-def reference_clip(x, y, scale, bias, image_labels, text_labels, smoothing):
-    logits = scale * x @ y.T
-    if bias is not None:
-        logits = logits + bias
-    n, m = logits.shape
-    il = torch.arange(n) if image_labels is None else image_labels
-    tl = torch.arange(m) if text_labels is None else text_labels
-    return 0.5 * (F.cross_entropy(logits, il, label_smoothing=smoothing)
-                  + F.cross_entropy(logits.T, tl, label_smoothing=smoothing))
 
 
 def check_clip(ours: dict, x, y, scale, bias, image_labels, text_labels, smoothing, dtype,
