@@ -1,0 +1,340 @@
+"""The misalignment study (mmcl_fast.misalign): generative model, loss, evaluator, CLI, and the paper's pattern."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LinearRegression
+from sklearn.metrics import r2_score
+from threadpoolctl import threadpool_limits
+from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
+
+from mmcl_fast.misalign import cli
+from mmcl_fast.misalign.data import (LAYER_CONDITION, LEAKY_SLOPE, N_MODALITY, N_SEMANTIC, BiasConfig,
+                                     InvertibleMixer, LatentModel, wishart_identity)
+from mmcl_fast.misalign.evaluate import LATENTS, _r2_per_latent, r2_scores
+from mmcl_fast.misalign.train import TrainConfig, contrastive_loss, train_encoders
+
+BACKENDS = ("reference", "auto")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These are small ops: one thread is faster than two fighting over a shared CPU (as in --quick)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+def _mixer(dim, seed):
+    return InvertibleMixer(dim, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------- the mixers
+
+@pytest.mark.parametrize("dim", [1, 2, 8, 15])
+def test_mixer_matches_plain_mlp_and_inverts(dim):
+    mixer = _mixer(dim, seed=dim)
+    assert mixer.weights.shape == (3, dim, dim)  # square, three layers, no bias parameters at all
+    assert not any(p.requires_grad for p in mixer.parameters())
+    z = torch.randn(500, dim, dtype=torch.float64) * 3
+    w = mixer.weights.double()
+    expected = F.leaky_relu(F.leaky_relu(z @ w[0].T, 0.2) @ w[1].T, 0.2) @ w[2].T
+    x = mixer(z)
+    assert_rel_close(x, expected, LOSS_RTOL[torch.float64], "mixer forward")
+    assert_rel_close(mixer.inverse(x), z, LOSS_RTOL[torch.float64], "inverse(forward(z))")
+
+
+@pytest.mark.parametrize("dim", [10, 15])
+def test_mixer_is_well_conditioned(dim):
+    mixer = _mixer(dim, seed=100 + dim)
+    for weight in mixer.weights.double():
+        sv = torch.linalg.svdvals(weight)
+        assert sv.max() / sv.min() <= LAYER_CONDITION * (1 + 1e-6)
+    # The Jacobian at any point is W3 D2 W2 D1 W1 with D diagonal in {0.2, 1}: full rank with a bounded condition.
+    bound = LAYER_CONDITION ** 3 / LEAKY_SLOPE ** 2
+    for _ in range(5):
+        point = torch.randn(dim, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda v: mixer(v[None])[0], point)
+        sv = torch.linalg.svdvals(jac)
+        assert sv.min() > 0 and sv.max() / sv.min() <= bound
+
+
+def test_mixers_differ_between_seeds_and_repeat_for_a_seed():
+    assert torch.equal(_mixer(15, 3).weights, _mixer(15, 3).weights)
+    assert not torch.allclose(_mixer(15, 3).weights, _mixer(15, 4).weights)
+
+
+# --------------------------------------------------------------------------------------------- the bias masks
+
+def test_selection_and_perturbation_masks():
+    bias = BiasConfig(selection=(7, 0, 2, 5), perturbation=(2, 7))
+    model = LatentModel(bias, seed=1)
+    n = 40_000
+    sample = model.sample(n, torch.Generator().manual_seed(2))
+    assert sample.x.shape == (n, N_SEMANTIC + N_MODALITY)
+    assert sample.t.shape == (n, 4 + N_MODALITY)
+    changed = sample.s_tilde != sample.s
+    for i in range(N_SEMANTIC):
+        if i in (2, 7):
+            rate = changed[:, i].double().mean().item()
+            assert abs(rate - 0.75) < 5 * math.sqrt(0.75 * 0.25 / n), f"s{i} perturbed in {rate:.3f} of samples"
+            shift = (sample.s_tilde - sample.s)[changed[:, i], i]
+            assert abs(shift.mean().item()) < 0.03 and abs(shift.std().item() - 1) < 0.03  # ε ~ N(0, I)
+        else:
+            assert not changed[:, i].any(), f"s{i} is not in ρ but differs in the text"
+    # The observations are the mixers applied to exactly the latents each modality should see.
+    zx = torch.cat([sample.s, sample.m_x], 1).double()
+    zt = torch.cat([sample.s_tilde[:, [0, 2, 5, 7]], sample.m_t], 1).double()
+    assert_rel_close(model.g_x.inverse(sample.x.double()), zx, 1e-4, "image latents")
+    assert_rel_close(model.g_t.inverse(sample.t.double()), zt, 1e-4, "text latents")
+    assert bias.invariant == (0, 5) and bias.excluded == (1, 3, 4, 6, 8, 9)
+    assert [bias.role(i) for i in (0, 1, 2)] == ["invariant", "excluded", "perturbed"]
+
+
+def test_latents_are_independent_standard_normal():
+    model = LatentModel(BiasConfig(), seed=0)
+    sample = model.sample(50_000, torch.Generator().manual_seed(0))
+    latents = torch.cat([sample.s, sample.m_x, sample.m_t], 1).double()
+    cov = torch.cov(latents.T)
+    assert (cov - torch.eye(20, dtype=torch.float64)).abs().max() < 0.04
+
+
+def test_dependent_semantics_and_their_perturbation_follow_the_drawn_covariance():
+    model = LatentModel(BiasConfig(perturbation=tuple(range(9)), dependent=True), seed=5)
+    cov = model.covariance
+    assert torch.equal(cov, cov.T) and torch.linalg.eigvalsh(cov).min() > 0
+    assert not torch.allclose(cov, LatentModel(BiasConfig(dependent=True), seed=6).covariance)
+    sample = model.sample(200_000, torch.Generator().manual_seed(5))
+    s, shift = sample.s.double(), (sample.s_tilde - sample.s).double()
+    assert_rel_close(torch.cov(s.T), cov, 0.03, "sample covariance of s")
+    # ε ~ N(0, Σ) masked by independent Bernoulli(0.75) draws: Cov(shift)_ij = Σ_ij * P(both changed) on ρ.
+    both = torch.full((N_SEMANTIC, N_SEMANTIC), 0.75 ** 2, dtype=torch.float64).fill_diagonal_(0.75)
+    mask = torch.zeros(N_SEMANTIC, dtype=torch.float64)
+    mask[:9] = 1
+    assert_rel_close(torch.cov(shift.T), cov * both * torch.outer(mask, mask), 0.03, "covariance of s~ - s")
+
+
+def test_wishart_draws_have_the_wishart_moments():
+    # Σ ~ Wishart(df=10, I): E[Σ] = 10 I, Var[Σ_ii] = 2 * 10, Var[Σ_ij] = 10 (i != j).
+    generator = torch.Generator().manual_seed(0)
+    n = 4000
+    draws = torch.stack([wishart_identity(N_SEMANTIC, N_SEMANTIC, generator) for _ in range(n)])
+    eye = torch.eye(N_SEMANTIC, dtype=torch.float64)
+    assert (draws.mean(0) - 10 * eye).abs().max() < 5 * math.sqrt(20 / n)
+    expected_var = 10 + 10 * eye
+    assert ((draws.var(0) - expected_var).abs() / expected_var).max() < 0.15
+
+
+def test_oracle_r2_matches_a_regression_on_the_invariant_block():
+    bias = BiasConfig(selection=(0, 1, 2, 3, 6), perturbation=(2,), dependent=True)
+    model = LatentModel(bias, seed=3)
+    sample = model.sample(100_000, torch.Generator().manual_seed(3))
+    s = sample.s.double().numpy()
+    inv = list(bias.invariant)
+    oracle = model.oracle_r2()
+    for j in range(N_SEMANTIC):
+        fit = LinearRegression().fit(s[:, inv], s[:, j])
+        assert abs(fit.score(s[:, inv], s[:, j]) - oracle[f"s{j}"]) < 0.01
+    assert oracle["m_x"] == oracle["m_t"] == 0.0
+    independent = LatentModel(BiasConfig(selection=(0, 1, 2), perturbation=(1,)), seed=3).oracle_r2()
+    assert [round(independent[f"s{j}"], 12) for j in range(N_SEMANTIC)] == [1, 0, 1] + [0] * 7
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(selection=(0, 1), perturbation=(2,)), ValueError, "perturbation must be a subset of selection"),
+    (dict(selection=(0, 10)), ValueError, "selection index 10 is out of range"),
+    (dict(selection=(0,), perturbation=(-1,)), ValueError, "perturbation index -1 is out of range"),
+    (dict(selection=()), ValueError, "selection must keep at least one"),
+    (dict(selection=(1, 2), perturbation=(1, 2)), ValueError, "leave at least one selected index unperturbed"),
+    (dict(selection=(1, 1)), ValueError, "selection has repeated indices"),
+    (dict(selection=(0, 1.0)), TypeError, "selection must hold ints"),
+    (dict(selection="012"), TypeError, "selection must be a collection"),
+])
+def test_bias_config_rejects_bad_input(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        BiasConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- loss and training
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n, dim, tau", [(1, 3, 1.0), (37, 5, 1.0), (128, 4, 0.5)])
+def test_contrastive_loss_matches_dense_reference(backend, n, dim, tau):
+    z_x = torch.randn(n, dim, requires_grad=True)
+    z_t = (z_x.detach() + 0.5 * torch.randn(n, dim)).requires_grad_(True)
+    loss = contrastive_loss(z_x, z_t, tau, backend)
+    loss.backward()
+    x64 = z_x.detach().double().requires_grad_(True)
+    t64 = z_t.detach().double().requires_grad_(True)
+    logits = -torch.cdist(x64, t64) ** 2 / tau
+    labels = torch.arange(n)
+    expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    expected.backward()
+    assert_rel_close(loss, expected, LOSS_RTOL[torch.float32], "loss")
+    assert_rel_close(z_x.grad, x64.grad, GRAD_RTOL[torch.float32], "d z_x")
+    assert_rel_close(z_t.grad, t64.grad, GRAD_RTOL[torch.float32], "d z_t")
+
+
+def test_training_is_deterministic_for_a_seed():
+    model = LatentModel(BiasConfig(selection=(0, 1, 2), perturbation=(2,)), seed=0)
+
+    def params(seed):
+        cfg = TrainConfig(steps=4, batch=16, lr=1e-3, hidden=(2,), backend="reference", seed=seed)
+        enc = train_encoders(model, cfg)
+        return torch.cat([p.flatten() for p in [*enc.f_x.parameters(), *enc.f_t.parameters()]])
+
+    state = torch.random.get_rng_state()
+    first = params(7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's global RNG is left alone
+    assert torch.equal(first, params(7))
+    assert not torch.equal(first, params(8))
+
+
+def test_training_lowers_the_loss():
+    model = LatentModel(BiasConfig(selection=(0, 1, 2, 3)), seed=1)
+    cfg = TrainConfig(steps=150, batch=128, lr=3e-3, hidden=(4,), backend="reference", seed=1)
+    history = train_encoders(model, cfg, log_every=10).history
+    first, last = np.mean([v for _, v in history[:2]]), np.mean([v for _, v in history[-2:]])
+    assert last < first - 0.5, f"loss went from {first:.3f} to {last:.3f}"
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(steps=0), "steps must be a positive int"), (dict(batch=1), "batch must be at least 2"),
+    (dict(lr=-1.0), "lr must be a positive number"), (dict(hidden=(0,)), "hidden must be positive"),
+    (dict(encoding_size=0), "encoding_size must be a positive int"),
+])
+def test_train_config_rejects_bad_input(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- the evaluator
+
+def test_r2_per_latent_matches_sklearn():
+    y = np.random.default_rng(0).normal(size=(300, 20))
+    pred = y + np.random.default_rng(1).normal(size=y.shape) * np.linspace(0.1, 2, 20)
+    columns = {f"s{i}": slice(i, i + 1) for i in range(10)} | {"m_x": slice(10, 15), "m_t": slice(15, 20)}
+    ours = _r2_per_latent(y, pred, columns)
+    for name, cols in columns.items():
+        assert abs(ours[name] - r2_score(y[:, cols], pred[:, cols])) < 1e-12
+
+
+def test_regressors_find_linear_and_nonlinear_signal_and_nothing_else():
+    rng = np.random.default_rng(0)
+    y_all = rng.normal(size=(6000, 20))
+    # representation: s0 linearly, s1 through a cube (invertible; a linear fit explains only 9/15 of it)
+    rep = np.stack([y_all[:, 0], y_all[:, 1] ** 3, rng.normal(size=6000)], 1)
+    columns = {f"s{i}": slice(i, i + 1) for i in range(10)} | {"m_x": slice(10, 15), "m_t": slice(15, 20)}
+    scores = r2_scores(rep[:3000], y_all[:3000], rep[3000:], y_all[3000:], columns, n_nonlinear=1500)
+    assert scores["linear"]["s0"] > 0.999 and scores["nonlinear"]["s0"] > 0.99
+    assert scores["nonlinear"]["s1"] > 0.75 and scores["linear"]["s1"] < 0.65
+    for name in LATENTS[2:]:
+        assert abs(scores["linear"][name]) < 0.02 and scores["nonlinear"][name] < 0.02
+
+
+# --------------------------------------------------------------------------------------------- the command line
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="mmcl-fast")
+    cli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--selection", "0,1", "--perturbation", "2"], "perturbation must be a subset of selection"),
+    (["--selection", "0,12"], "index 12 is out of range"),
+    (["--perturbation", "-1"], "index -1 is out of range"),
+    (["--selection", "a,b"], "comma-separated semantic indices"),
+    (["--selection", "3", "--perturbation", "3"], "leave at least one selected index unperturbed"),
+    (["--steps", "0"], "positive integer"),
+    (["--backend", "gpu"], "invalid choice"),
+    (["--backend", "triton", "--device", "cpu"], "backend='triton' needs CUDA tensors"),
+    (["--device", "potato"], "--device must be a torch device"),
+])
+def test_cli_rejects_bad_arguments(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, triton would accept CPU tensors
+    parser = _parser()
+    with pytest.raises(SystemExit) as info:
+        args = parser.parse_args(["misalign", *argv, "--out", str(tmp_path)])
+        args.func(args)
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_end_to_end_run_writes_results_and_heatmap(backend, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,2,5", "--perturbation", "5",
+                                 "--steps", "15", "--batch", "64", "--eval-samples", "300", "--seed", "3",
+                                 "--backend", backend, "--no-progress", "--out", str(out)])
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    for section in ("r2", "text_r2"):
+        assert set(results[section]) == {"linear", "nonlinear"}
+        for kind in ("linear", "nonlinear"):
+            assert set(results[section][kind]) == set(LATENTS)
+            assert all(math.isfinite(v) and v <= 1 for v in results[section][kind].values())
+    config = results["config"]
+    assert config["selection"] == [0, 1, 2, 5] and config["perturbation"] == [5] and config["steps"] == 15
+    assert config["batch"] == 64 and config["backend"] == backend and config["encoding_size"] == 3
+    assert results["roles"]["s5"] == "perturbed" and results["roles"]["s9"] == "excluded"
+    png = (out / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "R² of each latent" in capsys.readouterr().out
+
+    combined = tmp_path / "combined"
+    args = _parser().parse_args(["misalign", "--combine", str(out), str(out), "--out", str(combined)])
+    assert args.func(args) == 0
+    assert (combined / "heatmap_combined.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiny_run_is_deterministic(tmp_path):
+    def run(name):
+        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1", "--steps", "5", "--batch", "32",
+                                     "--eval-samples", "200", "--backend", "reference", "--no-progress",
+                                     "--out", str(tmp_path / name)])
+        args.func(args)
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        return results["r2"], results["text_r2"], results["loss_history"]
+
+    assert run("a") == run("b")
+
+
+# --------------------------------------------------------------------------------------------- the paper's pattern
+
+def _quick_run(tmp_path, argv):
+    args = _parser().parse_args(["misalign", "--quick", "--no-progress", "--out", str(tmp_path), *argv])
+    assert args.func(args) == 0
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_quick_mode_recovers_exactly_the_invariant_semantics(tmp_path):
+    # Not the setting the quick preset was tuned on (θ = {0..5}, ρ = {4, 5}).
+    results = _quick_run(tmp_path, ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,7"])
+    r2 = results["r2"]["nonlinear"]
+    for i in (0, 1, 3, 6, 8):
+        assert r2[f"s{i}"] >= 0.8, f"invariant s{i}: R² {r2[f's{i}']:.2f}"
+    for i in (4, 5, 9):
+        assert r2[f"s{i}"] <= 0.2, f"excluded s{i}: R² {r2[f's{i}']:.2f}"
+    for i in (2, 7):
+        assert r2[f"s{i}"] <= 0.3, f"perturbed s{i}: R² {r2[f's{i}']:.2f}"
+    assert r2["m_x"] <= 0.2 and r2["m_t"] <= 0.2
+
+
+@pytest.mark.slow
+def test_quick_mode_dependent_case_recovers_what_the_invariant_block_predicts(tmp_path):
+    results = _quick_run(tmp_path, ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,7",
+                                    "--dependent"])
+    r2, oracle = results["r2"]["nonlinear"], results["oracle_r2"]
+    for i in (0, 1, 3, 6, 8):
+        assert r2[f"s{i}"] >= 0.8
+    for i in (2, 4, 5, 7, 9):  # partial: what the invariant block predicts, not more, not nothing
+        assert abs(r2[f"s{i}"] - oracle[f"s{i}"]) <= 0.15, f"s{i}: R² {r2[f's{i}']:.2f}, oracle {oracle[f's{i}']:.2f}"
+    assert r2["m_x"] <= 0.2 and r2["m_t"] <= 0.2
