@@ -52,3 +52,15 @@ def run_interpreted(module_file: str, function_name: str, jobs: list, timeout: f
             raise RuntimeError(f"interpreter child failed (rc={done.returncode}):\n{done.stdout[-2000:]}\n"
                                f"{done.stderr[-4000:]}")
         return torch.load(out_path)
+
+
+def kernel_backends():
+    """"auto" (the compiled CPU kernel here), and Triton on CUDA (the interpreter cases are separate)."""
+    import torch
+    return ["auto", "triton"] if torch.cuda.is_available() else ["auto"]
+
+
+def device_for(backend):
+    """The device a backend's test tensors live on."""
+    import torch
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

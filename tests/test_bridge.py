@@ -6,21 +6,14 @@ on CPU under Triton's interpreter in one child process (tests/interpreter.py), a
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import device_for as _device
+from interpreter import kernel_backends as _kernel_backends
 from interpreter import run_interpreted
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 from mmcl_fast import BrownianBridgeLoss, brownian_bridge_loss
 
 SIZES = [(1, 3), (2, 1), (7, 5), (33, 17), (70, 64)]
-
-
-def _kernel_backends():
-    """"auto" (the compiled CPU kernel here), and Triton on CUDA (the interpreter cases are separate)."""
-    return ["auto", "triton"] if torch.cuda.is_available() else ["auto"]
-
-
-def _device(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _features(n, d, dtype, device="cpu", near=None, noise=0.3):

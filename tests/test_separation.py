@@ -8,21 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import device_for as _device
+from interpreter import kernel_backends as _kernel_backends
 from interpreter import run_interpreted
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 from mmcl_fast import FeatureSeparationLoss, UniformityLoss, feature_separation_loss, uniformity_loss
 
 SIZES = [(1, 3), (2, 1), (7, 5), (33, 17), (70, 64)]
-
-
-def _kernel_backends():
-    """"auto" (the compiled CPU kernel here), and Triton on CUDA (the interpreter cases are separate)."""
-    return ["auto", "triton"] if torch.cuda.is_available() else ["auto"]
-
-
-def _device(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def _unit(n, d, dtype, device="cpu", near=None, noise=0.5):
