@@ -208,6 +208,7 @@ def test_training_lowers_the_loss():
     (dict(steps=0), "steps must be a positive int"), (dict(batch=1), "batch must be at least 2"),
     (dict(lr=-1.0), "lr must be a positive number"), (dict(hidden=(0,)), "hidden must be positive"),
     (dict(encoding_size=0), "encoding_size must be a positive int"),
+    (dict(warmup=-1), "warmup must be a non-negative int"),
 ])
 def test_train_config_rejects_bad_input(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -5,7 +5,8 @@ Each step draws a new batch (x, t), encodes it with MLPs f_x, f_t and minimises 
     L = ½ [CE_rows + CE_cols] over logits  -||f_x(x_i) - f_t(t_j)||² / τ,     τ = 1,
 
 computed by mmcl_fast's streamed primitive (`mmcl_fast.infonce(..., similarity="sqeuclidean")`, no B x B buffer
-outside backend="reference"), with Adam and gradient-norm clipping (max norm 2, as in the paper's code).
+outside backend="reference"), with Adam (optionally after a linear warm-up) and gradient-norm clipping (max norm
+2, as in the paper's code).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class TrainConfig:
     encoding_size: int | None = None  # default: |θ \ ρ|, the size of the invariant block (as in the paper)
     tau: float = 1.0
     grad_clip: float = 2.0
-    cosine_decay: bool = False  # False: constant lr, as in the paper
+    warmup: int = 0  # linear lr warm-up steps (0: none, as in the paper)
+    cosine_decay: bool = False  # False: constant lr after the warm-up, as in the paper
     backend: str = "auto"
     seed: int = 0
 
@@ -51,6 +53,8 @@ class TrainConfig:
         if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
             raise ValueError(f"hidden must be positive int width multipliers, got {self.hidden!r}")
         self.hidden = hidden
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if self.encoding_size is not None and (not isinstance(self.encoding_size, int) or self.encoding_size < 1):
             raise ValueError(f"encoding_size must be a positive int or None, got {self.encoding_size!r}")
 
@@ -84,9 +88,10 @@ def contrastive_loss(z_x: torch.Tensor, z_t: torch.Tensor, tau: float, backend: 
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    if not cfg.cosine_decay:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / cfg.steps)))
+    factor = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.cosine_decay:
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / cfg.steps)))
+    return factor
 
 
 def train_encoders(model: LatentModel, cfg: TrainConfig,
