@@ -1,7 +1,8 @@
 // pybind11 bindings of the compiled CPU core. No math here: tensors come in as data pointers, sizes and row
 // strides (the Python side owns allocation and checks), the GIL is released around the kernels, and the ISA
-// build is chosen once at import by CPU feature detection (MMCL_FAST_CPU_ISA=scalar forces the fallback).
+// build is chosen once at import by CPU feature detection (isa.cpp; MMCL_FAST_CPU_ISA names another build).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -9,46 +10,11 @@
 #include <string>
 
 #include "dispatch.h"
+#include "isa.h"
 
 namespace py = pybind11;
 
 namespace {
-
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-    return false;
-#endif
-}
-
-bool cpu_has_avx512_bf16() {
-#if defined(__x86_64__) || defined(__i386__)
-    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-#else
-    return false;
-#endif
-}
-
-const mmcl::KernelTable* select_table(const std::string& request) {
-    if (request == "scalar") return &mmcl::scalar_table;
-    if (request == "avx512") {
-        if (!cpu_has_avx512()) throw std::runtime_error("MMCL_FAST_CPU_ISA=avx512 but this CPU lacks AVX-512");
-        return &mmcl::avx512_table;
-    }
-    if (request == "avx512-bf16") {
-        if (!cpu_has_avx512_bf16())
-            throw std::runtime_error("MMCL_FAST_CPU_ISA=avx512-bf16 but this CPU lacks AVX512-BF16");
-        return &mmcl::avx512bf16_table;
-    }
-    if (!request.empty() && request != "auto")
-        throw std::runtime_error("MMCL_FAST_CPU_ISA must be auto, avx512-bf16, avx512 or scalar, got '" + request +
-                                 "'");
-    if (cpu_has_avx512_bf16()) return &mmcl::avx512bf16_table;
-    return cpu_has_avx512() ? &mmcl::avx512_table : &mmcl::scalar_table;
-}
 
 const mmcl::KernelTable* active = nullptr;
 
@@ -69,13 +35,18 @@ mmcl::Problem make_problem(std::uintptr_t x, int64_t x_rs, std::uintptr_t y, int
 PYBIND11_MODULE(_C, m) {
     m.doc() = "mmcl_fast compiled CPU core: fused streamed log-sum-exp over affine similarities";
     const char* env = std::getenv("MMCL_FAST_CPU_ISA");
-    active = select_table(env ? env : "auto");
+    active = mmcl::select_isa(env ? env : "auto");
 
-    m.def("isa", []() { return std::string(active->isa); }, "The ISA build in use: 'avx512-bf16', 'avx512' or 'scalar'.");
-    m.def("set_isa", [](const std::string& isa) { active = select_table(isa); return std::string(active->isa); },
-          "Switch the ISA build ('auto', 'avx512-bf16', 'avx512', 'scalar'); returns the one now in use.");
-    m.def("has_avx512", &cpu_has_avx512);
-    m.def("has_avx512_bf16", &cpu_has_avx512_bf16);
+    m.def("isa", []() { return std::string(active->isa); }, "The ISA build in use (e.g. 'avx2', 'neon', 'scalar').");
+    m.def("set_isa", [](const std::string& isa) { active = mmcl::select_isa(isa); return std::string(active->isa); },
+          "Switch the ISA build ('auto' or a name from compiled_isas()); returns the one now in use.");
+    m.def("compiled_isas",
+          []() {
+              std::vector<std::pair<std::string, bool>> out;
+              for (const mmcl::IsaBuild& b : mmcl::compiled_isas()) out.emplace_back(b.table->isa, b.cpu_has());
+              return out;
+          },
+          "[(name, this CPU runs it)] for every ISA build compiled into the module, best first.");
 
     m.def("lse_forward",
           [](std::uintptr_t x, int64_t x_rs, std::uintptr_t y, int64_t y_rs, int dtype, int64_t n, int64_t mm,

@@ -1,4 +1,4 @@
-// One table of entry points per ISA build; bindings.cpp picks one at import by CPU feature detection.
+// One table of entry points per ISA build; isa.cpp lists the compiled ones and picks one by CPU feature detection.
 #pragma once
 #include <cstdint>
 
@@ -36,7 +36,11 @@ struct KernelTable {
                      int threads);
 };
 
-extern const KernelTable avx512_table;
-extern const KernelTable avx512bf16_table;
-extern const KernelTable scalar_table;
+// One table per translation unit; which ones exist depends on the target architecture (CMakeLists.txt), and
+// isa.h lists the compiled ones.
+extern const KernelTable avx512bf16_table;  // x86-64
+extern const KernelTable avx512_table;      // x86-64
+extern const KernelTable avx2_table;        // x86-64
+extern const KernelTable neon_table;        // aarch64
+extern const KernelTable scalar_table;      // every target
 }  // namespace mmcl

@@ -44,11 +44,21 @@
 namespace mmcl {
 namespace MMCL_ISA {
 
-constexpr int MR = 6;         // micro-kernel rows
-constexpr int NRV = 4;        // micro-kernel width in vectors of 16 lanes
-constexpr int NR = 16 * NRV;  // 64 columns
-constexpr int MC = 96;        // row block (multiple of MR)
-constexpr int NC = 192;       // column block (multiple of NR and of MR: it is the row dim of the dY GEMM)
+// The register tile and the cache blocks belong to the ISA policy V (its register file decides them):
+//   V::lanes  fp32 lanes per vector;  V::MR x V::NRV  micro-kernel accumulators (rows x vectors);
+//   V::MC x V::NC  the similarity tile of one block step (MC a multiple of MR; NC a multiple of NR and of MR,
+//   since NC is also the row dimension of the dY GEMM).
+template <class V>
+struct Shape {
+    static constexpr int L = V::lanes;
+    static constexpr int MR = V::MR;
+    static constexpr int NRV = V::NRV;
+    static constexpr int NR = L * NRV;
+    static constexpr int MC = V::MC;
+    static constexpr int NC = V::NC;
+    static_assert(MC % MR == 0, "MC must be a multiple of MR");
+    static_assert(NC % NR == 0 && NC % MR == 0 && NC % L == 0, "NC must be a multiple of NR, MR and the lanes");
+};
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -57,6 +67,7 @@ inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; 
 template <class V>
 inline void load_rows_f32(const void* src, int64_t rs, int dtype, int64_t r0, int64_t rows, int64_t rows_pad,
                           int64_t d, int64_t dp, float* dst) {
+    constexpr int L = V::lanes;
     for (int64_t r = 0; r < rows; ++r) {
         float* out = dst + r * dp;
         const int64_t row = r0 + r;
@@ -65,7 +76,7 @@ inline void load_rows_f32(const void* src, int64_t rs, int dtype, int64_t r0, in
         } else {
             const uint16_t* in = static_cast<const uint16_t*>(src) + row * rs;
             int64_t k = 0;
-            for (; k + 16 <= d; k += 16) {
+            for (; k + L <= d; k += L) {
                 if (dtype == kBF16) V::bf16_to_f32(in + k, out + k); else V::f16_to_f32(in + k, out + k);
             }
             for (; k < d; ++k) out[k] = dtype == kBF16 ? bf16_bits_to_float(in[k]) : f16_bits_to_float(in[k]);
@@ -81,12 +92,13 @@ template <class V>
 inline void micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
                          float* c, int64_t c_rs, bool accumulate) {
     using T = typename V::type;
+    constexpr int L = V::lanes, MR = V::MR, NRV = V::NRV;
     T acc[MR][NRV];
     for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) acc[r][v] = accumulate ? V::load(c + r * c_rs + 16 * v) : V::zero();
+        for (int v = 0; v < NRV; ++v) acc[r][v] = accumulate ? V::load(c + r * c_rs + L * v) : V::zero();
     for (int64_t k = 0; k < kc; ++k) {
         T bv[NRV];
-        for (int v = 0; v < NRV; ++v) bv[v] = V::load(b + k * b_ks + 16 * v);
+        for (int v = 0; v < NRV; ++v) bv[v] = V::load(b + k * b_ks + L * v);
         const float* ak = a + k * a_ks;
         for (int r = 0; r < MR; ++r) {
             const T av = V::set1(ak[r * a_rs]);
@@ -94,12 +106,14 @@ inline void micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_ks,
         }
     }
     for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NRV; ++v) V::store(c + r * c_rs + 16 * v, acc[r][v]);
+        for (int v = 0; v < NRV; ++v) V::store(c + r * c_rs + L * v, acc[r][v]);
 }
 
 // Per-thread scratch: the current row block and column block in fp32, the column block transposed into
 // NR-wide panels for the similarity GEMM, and the similarity / gradient-weight tile.
-struct Scratch {
+template <class V>
+struct TileScratch {
+    static constexpr int MC = Shape<V>::MC, NC = Shape<V>::NC;
     std::vector<float> x_blk;    // MC x dp
     std::vector<float> y_blk;    // NC x dp
     std::vector<float> y_pack;   // (NC / NR) panels of d x NR
@@ -112,7 +126,7 @@ struct Scratch {
     // (d2 / 2) x NR x 2 bf16 pairs, d2 = d rounded up to even (zero-padded).
     std::vector<uint16_t> x_bf;
     std::vector<uint16_t> y_pack_bf;
-    Scratch(int64_t d, int64_t dp, bool bf16_dot)
+    TileScratch(int64_t d, int64_t dp, bool bf16_dot)
         : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
           col_aux(NC), col_aux2(NC), col_aux3(NC), x_bf(bf16_dot ? MC * round_up(d, 2) : 0),
           y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {}
@@ -121,6 +135,9 @@ struct Scratch {
 template <class V>
 struct Kernel {
     using T = typename V::type;
+    static constexpr int L = Shape<V>::L, MR = Shape<V>::MR, NRV = Shape<V>::NRV, NR = Shape<V>::NR;
+    static constexpr int MC = Shape<V>::MC, NC = Shape<V>::NC;
+    using Scratch = TileScratch<V>;
 
     const Problem& p;
     int64_t dp;                          // d padded to NR
@@ -264,7 +281,7 @@ struct Kernel {
     // pass 2 adds exp(L - running max) to the row and column sums (rescaling the old sums once per tile).
     void forward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, bool need_row, bool need_col,
                       float* rmax, float* rsum, float* cmax, float* csum) const {
-        const int64_t nv = round_up(nc, 16) / 16;
+        const int64_t nv = round_up(nc, L) / L;
         const float ninf = -std::numeric_limits<float>::infinity();
         float* tile_cmax = s.col_aux.data();
         float* col_acc = s.col_aux2.data();
@@ -275,10 +292,10 @@ struct Kernel {
             float* row = s.tile.data() + i * NC;
             T vmax = V::set1(ninf);
             for (int64_t v = 0; v < nv; ++v) {
-                const T logit = V::add(V::fma(a, V::load(row + 16 * v), r), V::load(cb.data() + 16 * v));
-                V::store(row + 16 * v, logit);
+                const T logit = V::add(V::fma(a, V::load(row + L * v), r), V::load(cb.data() + L * v));
+                V::store(row + L * v, logit);
                 vmax = V::max(vmax, logit);
-                V::store(tile_cmax + 16 * v, V::max(V::load(tile_cmax + 16 * v), logit));
+                V::store(tile_cmax + L * v, V::max(V::load(tile_cmax + L * v), logit));
             }
             if (need_row) {
                 const float m_old = rmax[i];
@@ -289,11 +306,11 @@ struct Kernel {
         }
         if (need_col) {
             for (int64_t v = 0; v < nv; ++v) {
-                const T m_old = V::load(cmax + 16 * v);
-                const T m_new = V::max(m_old, V::load(tile_cmax + 16 * v));
-                V::store(csum + 16 * v, V::mul(V::load(csum + 16 * v), V::exp(V::sub(m_old, m_new))));
-                V::store(cmax + 16 * v, m_new);
-                V::store(col_acc + 16 * v, V::zero());
+                const T m_old = V::load(cmax + L * v);
+                const T m_new = V::max(m_old, V::load(tile_cmax + L * v));
+                V::store(csum + L * v, V::mul(V::load(csum + L * v), V::exp(V::sub(m_old, m_new))));
+                V::store(cmax + L * v, m_new);
+                V::store(col_acc + L * v, V::zero());
             }
         }
         for (int64_t i = 0; i < mc; ++i) {
@@ -301,17 +318,17 @@ struct Kernel {
             const T rm = V::set1(rmax[i]);
             T racc = V::zero();
             for (int64_t v = 0; v < nv; ++v) {
-                const T logit = V::load(row + 16 * v);
+                const T logit = V::load(row + L * v);
                 if (need_row) racc = V::add(racc, V::exp(V::sub(logit, rm)));
                 if (need_col)
-                    V::store(col_acc + 16 * v,
-                             V::add(V::load(col_acc + 16 * v), V::exp(V::sub(logit, V::load(cmax + 16 * v)))));
+                    V::store(col_acc + L * v,
+                             V::add(V::load(col_acc + L * v), V::exp(V::sub(logit, V::load(cmax + L * v)))));
             }
             if (need_row) rsum[i] += V::reduce_add(racc);
         }
         if (need_col)
             for (int64_t v = 0; v < nv; ++v)
-                V::store(csum + 16 * v, V::add(V::load(csum + 16 * v), V::load(col_acc + 16 * v)));
+                V::store(csum + L * v, V::add(V::load(csum + L * v), V::load(col_acc + L * v)));
         (void)j0;
     }
 
@@ -348,7 +365,7 @@ struct Kernel {
     void backward_tile(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, const float* row_lse,
                        const float* grad_row, const float* lse_c, const float* g_c, const float* const_c,
                        bool use_col, const Extras& ex, float* dscale, float* drow, float* dcol) const {
-        const int64_t nv = round_up(nc, 16) / 16;
+        const int64_t nv = round_up(nc, L) / L;
         float* dcol_tile = s.col_aux.data();
         std::fill(dcol_tile, dcol_tile + NC, 0.0f);
         // Columns whose positive row falls in this tile: its local row index as a float key (-1: none).
@@ -376,26 +393,28 @@ struct Kernel {
             float* row = s.tile.data() + i * NC;
             T da = V::zero(), dr = V::zero();
             for (int64_t v = 0; v < nv; ++v) {
-                const T sim = V::load(row + 16 * v);
-                const T logit = V::add(V::fma(a, sim, r), V::load(cb + 16 * v));
-                T g = V::add(row_const, V::load(const_c + 16 * v));
+                const T sim = V::load(row + L * v);
+                const T logit = V::add(V::fma(a, sim, r), V::load(cb + L * v));
+                T g = V::load(const_c + L * v);
                 if (use_row) g = V::fma(gr, V::exp(V::sub(logit, lr)), g);
-                if (use_col) g = V::fma(V::load(g_c + 16 * v), V::exp(V::sub(logit, V::load(lse_c + 16 * v))), g);
-                if (row_target_here && (target_col >> 4) == v)
-                    g = V::add_at_lane(g, static_cast<int>(target_col & 15), row_target_grad);
+                if (use_col) g = V::fma(V::load(g_c + L * v), V::exp(V::sub(logit, V::load(lse_c + L * v))), g);
+                if (row_target_here && target_col / L == v)
+                    g = V::add_at_lane(g, static_cast<int>(target_col % L), row_target_grad);
                 if (any_col_target)
-                    g = V::add_where_equal(g, V::load(target_row_key + 16 * v), row_key,
-                                           V::load(target_row_grad + 16 * v));
-                da = V::fma(g, sim, da);
+                    g = V::add_where_equal(g, V::load(target_row_key + L * v), row_key,
+                                           V::load(target_row_grad + L * v));
+                // row_const joins G after drow's sum: padded lanes (c >= nc) must not count it
                 dr = V::add(dr, g);
-                V::store(dcol_tile + 16 * v, V::add(V::load(dcol_tile + 16 * v), g));
-                V::store(row + 16 * v, V::mul(a, g));
+                g = V::add(g, row_const);
+                da = V::fma(g, sim, da);
+                V::store(dcol_tile + L * v, V::add(V::load(dcol_tile + L * v), g));
+                V::store(row + L * v, V::mul(a, g));
             }
             dscale[i0 + i] += V::reduce_add(da);
-            drow[i0 + i] += V::reduce_add(dr);
+            drow[i0 + i] += V::reduce_add(dr) + (ex.row_const ? ex.row_const[i0 + i] * static_cast<float>(nc) : 0.0f);
         }
         for (int64_t v = 0; v < nv; ++v)
-            V::store(dcol + 16 * v, V::add(V::load(dcol + 16 * v), V::load(dcol_tile + 16 * v)));
+            V::store(dcol + L * v, V::add(V::load(dcol + L * v), V::load(dcol_tile + L * v)));
     }
 
     // dX_I += G' Y_J (k over the tile's columns) and dY_J += G'^T X_I (k over the tile's rows).
@@ -438,7 +457,7 @@ void lse_backward(const Problem& p, const float* row_lse, const float* col_lse, 
                   const float* grad_col, const Extras& ex, void* dx, void* dy, float* dscale, float* drow,
                   float* dcol, int threads) {
     Kernel<V> k(p, threads);
-    std::vector<float> dx_acc(round_up(p.n, MC) * k.dp), dy_acc(round_up(p.m, NC) * k.dp);
+    std::vector<float> dx_acc(round_up(p.n, Shape<V>::MC) * k.dp), dy_acc(round_up(p.m, Shape<V>::NC) * k.dp);
     k.backward(row_lse, col_lse, grad_row, grad_col, ex, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
     store_rows(dx_acc.data(), p.n, p.d, k.dp, p.dtype, dx);
     store_rows(dy_acc.data(), p.m, p.d, k.dp, p.dtype, dy);

@@ -6,9 +6,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vexp.h"
+
 namespace mmcl { namespace MMCL_ISA {
 struct VecAvx512 {
     using type = __m512;
+    // 32 zmm registers: a 6 x 4-vector (6 x 64) accumulator tile (24) + 4 B vectors + 1 broadcast.
+    static constexpr int lanes = 16, MR = 6, NRV = 4, MC = 96, NC = 192;
 #ifdef __AVX512BF16__
     static constexpr const char* name = "avx512-bf16";
     static constexpr bool has_bf16_dot = true;
@@ -62,24 +66,13 @@ struct VecAvx512 {
     static inline float reduce_add(type v) { return _mm512_reduce_add_ps(v); }
     static inline float reduce_max(type v) { return _mm512_reduce_max_ps(v); }
 
-    // exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial for exp(r), then scalef by 2^n.
-    // Inputs below -104 flush to 0 (exp(-104) is below the smallest fp32 denormal), NaN propagates.
+    // exp(x) (vexp.h); inputs below -104 flush to 0 (exp(-104) is below the smallest fp32 denormal), NaN propagates.
     static inline type exp(type x) {
         x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
         x = _mm512_min_ps(_mm512_set1_ps(88.72f), x);
-        const type n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+        const type n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        type r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-        type p = _mm512_set1_ps(1.0f / 5040.0f);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-        return _mm512_scalef_ps(p, n);
+        return _mm512_scalef_ps(exp_reduced<VecAvx512>(exp_remainder<VecAvx512>(x, n)), n);
     }
 
     // 16 half-precision values -> fp32.

@@ -1,4 +1,4 @@
-"""The streamed-LSE primitive (affine_lse) and infonce, CPU kernel (both ISA builds) vs a float64 dense reference."""
+"""The streamed-LSE primitive (affine_lse) and infonce, CPU kernel (every ISA build the CPU runs) vs a float64 dense reference."""
 import os
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from mmcl_fast.backends import cpu as cpu_backend
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 _C = cpu_backend._module()
-ISAS = (["avx512-bf16"] if _C.has_avx512_bf16() else []) + (["avx512"] if _C.has_avx512() else []) + ["scalar"]
+ISAS = cpu_backend.runnable_isas()  # every build this CPU runs (e.g. avx2 + scalar, or avx512-bf16 ... scalar)
 
 
 @pytest.fixture(params=ISAS)
@@ -130,6 +130,26 @@ def test_isa_environment_override():
     env["MMCL_FAST_CPU_ISA"] = "bogus"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "MMCL_FAST_CPU_ISA" in bad.stderr
+
+
+def test_isa_the_cpu_lacks_is_a_clear_error():
+    """Naming a compiled build whose instructions this CPU lacks raises (never SIGILL), in-process and at import."""
+    missing = [name for name, ok in cpu_backend.compiled_isas().items() if not ok]
+    if not missing:
+        pytest.skip("this CPU runs every ISA build compiled here")
+    with pytest.raises(RuntimeError, match=f"lacks the instructions of the {missing[0]} build"):
+        cpu_backend.set_isa(missing[0])
+    assert cpu_backend.isa() in ISAS  # the build in use did not change
+    code = "import mmcl_fast.backends.cpu as c; print(c.isa())"
+    env = dict(os.environ, MMCL_FAST_CPU_ISA=missing[0])
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and f"MMCL_FAST_CPU_ISA='{missing[0]}'" in bad.stderr, bad.stderr
+
+
+def test_compiled_isas_list_the_portable_build_last():
+    builds = cpu_backend.compiled_isas()
+    assert list(builds)[-1] == "scalar" and builds["scalar"]
+    assert cpu_backend.isa() == cpu_backend.runnable_isas()[0]  # auto picks the best build the CPU runs
 
 
 _PEAK_SCRIPT = textwrap.dedent("""

@@ -5,6 +5,10 @@ recompute sweep gives dX, dY, dscale, drow_bias, dcol_bias (3 GEMM-equivalents).
 gradient accumulators plus per-thread tiles; never N x M. bf16/fp16 features are read as they are: on a CPU with
 AVX512-BF16 the similarity GEMM runs on bf16 pairs (vdpbf16ps: exact products, fp32 sums); otherwise, and for
 the gradient GEMMs, blocks are converted to fp32 one tile at a time. All accumulation is fp32. Threads: `torch.get_num_threads()`.
+
+ISA builds (csrc/isa.cpp): x86-64 has avx512-bf16, avx512, avx2 (AVX2 + FMA + F16C) and the portable scalar build;
+aarch64 has neon and scalar. The best one the CPU runs is picked at import; MMCL_FAST_CPU_ISA or `set_isa` names
+another, and naming one the CPU lacks raises instead of executing unknown instructions.
 """
 from __future__ import annotations
 
@@ -26,14 +30,34 @@ def available() -> bool:
     return _C is not None
 
 
+PORTABLE_ISA = "scalar"
+
+
 def isa() -> str:
-    """The ISA build of the kernel in use ('avx512-bf16', 'avx512' or 'scalar')."""
+    """The ISA build of the kernel in use ('avx512-bf16', 'avx512', 'avx2', 'neon' or 'scalar')."""
     return _module().isa()
 
 
 def set_isa(name: str) -> str:
-    """Force an ISA build ('auto', 'avx512-bf16', 'avx512', 'scalar'); returns the one now in use."""
+    """Use another ISA build ('auto' or a name from `compiled_isas()`); returns the one now in use.
+
+    Raises RuntimeError if the name is not compiled here or the CPU lacks its instructions."""
     return _module().set_isa(name)
+
+
+def compiled_isas() -> dict[str, bool]:
+    """{ISA build compiled into mmcl_fast._C: whether this CPU runs it}, best first."""
+    return dict(_module().compiled_isas())
+
+
+def runnable_isas() -> list[str]:
+    """The ISA builds this CPU runs, best first (the portable 'scalar' build is always last)."""
+    return [name for name, ok in compiled_isas().items() if ok]
+
+
+def portable_only() -> bool:
+    """True when the only build this CPU runs is the portable one (a warning for `mmcl-fast info`/bench)."""
+    return runnable_isas() == [PORTABLE_ISA]
 
 
 def _module():

@@ -15,11 +15,12 @@ def backends() -> dict:
     try:
         from ..backends import cpu
         if cpu.available():
-            module = cpu._module()
-            avx512 = getattr(module, "has_avx512", lambda: None)()
-            detail = f"compiled C++ kernel, ISA in use: {cpu.isa()}"
-            if avx512 is not None:
-                detail += f" (CPU has AVX-512: {'yes' if avx512 else 'no'})"
+            builds = ", ".join(f"{name}{'' if ok else ' (CPU lacks it)'}" for name, ok in cpu.compiled_isas().items())
+            detail = f"compiled C++ kernel, ISA in use: {cpu.isa()}; builds: {builds}"
+            if cpu.isa() == cpu.PORTABLE_ISA:
+                detail += ("; WARNING: the portable build is several times slower than a SIMD build"
+                           + (" (this CPU runs no SIMD build compiled here)" if cpu.portable_only()
+                              else " (set MMCL_FAST_CPU_ISA=auto)"))
             found["cpu"] = {"available": True, "detail": detail, "isa": cpu.isa()}
         else:
             found["cpu"] = {"available": False, "detail": f"mmcl_fast._C does not import: {cpu._IMPORT_ERROR}"}

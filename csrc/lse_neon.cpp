@@ -1,0 +1,9 @@
+// The fused LSE kernels built for aarch64 Advanced SIMD (compiled only for aarch64 targets).
+#define MMCL_ISA neon
+#include "simd_neon.h"
+#include "lse.h"
+#include "dispatch.h"
+
+namespace mmcl {
+const KernelTable neon_table = {neon::VecNeon::name, &neon::lse_forward<neon::VecNeon>, &neon::lse_backward<neon::VecNeon>};
+}
