@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tolerances import LOSS_RTOL
 
 from mmcl_fast import affine_lse
+from mmcl_fast.backends import cpu as cpu_backend
 from mmcl_fast.bench.impls import get_loss, paired_features
 
 pytest.importorskip("open_clip")
@@ -48,20 +49,33 @@ def test_clip_loss_fwd_bwd(benchmark, impl, n, dtype_name):
     assert abs(float(loss) - expected) <= rtol * abs(expected), (float(loss), expected)
 
 
+# every ISA build of the CPU kernel this machine runs, and the blocked torch backend, side by side
+KERNELS = [f"cpu:{isa}" for isa in cpu_backend.runnable_isas()] + ["torch"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_affine_lse_fwd_bwd(benchmark, dtype_name):
-    """The primitive alone (row + column LSE and all gradients) at N = M = 4096, D = 512."""
+def test_affine_lse_fwd_bwd(benchmark, dtype_name, kernel):
+    """The primitive alone (row + column LSE and all gradients) at N = M = 4096, D = 512, per backend / ISA."""
     n, dtype = 4096, DTYPES[dtype_name]
+    backend, _, isa = kernel.partition(":")
     x, y = (t.requires_grad_() for t in paired_features(n, DIM, dtype, seed=1))
 
     def step():
         x.grad = y.grad = None
-        row_lse, col_lse = affine_lse(x, y, LOGIT_SCALE)
+        row_lse, col_lse = affine_lse(x, y, LOGIT_SCALE, backend=backend)
         (row_lse.sum() + col_lse.sum()).backward()
         return row_lse.detach()
 
-    benchmark.group = f"affine_lse fwd+bwd n={n} d={DIM} {dtype_name}"
-    row_lse = benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    previous = cpu_backend.isa()
+    try:
+        if isa:
+            cpu_backend.set_isa(isa)
+        benchmark.group = f"affine_lse fwd+bwd n={n} d={DIM} {dtype_name}"
+        row_lse = benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    finally:
+        cpu_backend.set_isa(previous)
     benchmark.extra_info["gflops"] = round(8 * n * n * DIM / benchmark.stats.stats.median / 1e9, 1)
+    benchmark.extra_info["kernel"] = kernel
     expected = torch.logsumexp(LOGIT_SCALE * x.detach().double() @ y.detach().double().T, dim=1)
     assert (row_lse.double() - expected).abs().max().item() <= LOSS_RTOL[dtype] * expected.abs().max().item()

@@ -13,17 +13,19 @@ backward, the gradients of any linear function of those LSEs:
 
 The positives' logits and label-smoothing sums are O(N*D) and are left to plain torch autograd in the
 loss modules. This file holds the custom ops (eager, fake/meta kernels, autograd) and the dispatch to
-the backends: `reference` (dense torch, ground truth), `cpu` (compiled C++ kernel), `triton` (GPU, or the
-Triton interpreter on CPU tensors when TRITON_INTERPRET=1).
+the backends: `reference` (dense torch, ground truth), `torch` (blocked plain-torch, any device), `cpu` (compiled
+C++ kernel), `triton` (GPU, or the Triton interpreter on CPU tensors when TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -31,18 +33,32 @@ def _triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _cpu_kernel_available() -> bool:
+    from .backends import cpu
+    return cpu.available()
+
+
+def _triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the concrete backend for tensors on `device` of `dtype` ("auto" → cpu / triton / reference)."""
+    """Pick the concrete backend for tensors on `device` of `dtype`.
+
+    "auto": the compiled kernel of the device (cpu: the C++ core; cuda: Triton) where it exists and supports the
+    dtype, otherwise the blocked `torch` backend (any device, any floating dtype, float64 included), which is
+    exact and never N x M. "reference" (dense, N x M) is never picked automatically.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if dtype not in _KERNEL_DTYPES:
-            return "reference"  # float64 and friends: the dense reference is the exact path
-        if device.type == "cuda":
-            return "triton"
-        if device.type == "cpu":
-            return "cpu"
-        return "reference"
+        if dtype in _KERNEL_DTYPES:
+            if device.type == "cpu" and _cpu_kernel_available():
+                return "cpu"
+            if device.type == "cuda" and _triton_available():
+                return "triton"
+        return "torch"
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {device}")
@@ -62,6 +78,9 @@ def _backend_module(backend: str):
     if backend == "reference":
         from .backends import reference
         return reference
+    if backend == "torch":
+        from .backends import blocked
+        return blocked
     if backend == "cpu":
         from .backends import cpu
         return cpu
@@ -69,6 +88,35 @@ def _backend_module(backend: str):
         from .backends import triton as triton_backend
         return triton_backend
     raise ValueError(f"unknown concrete backend {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# autocast: the losses are exact in the features' own dtype, whatever the caller's AMP context
+# ---------------------------------------------------------------------------------------------
+
+def _no_autocast(device: torch.device):
+    """A context that turns autocast off on `device` (a no-op where torch has no autocast for it)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+def autocast_off(fn):
+    """Run a loss with autocast disabled on its features' device.
+
+    Under `torch.autocast` a matmul of fp32 features would run in bf16/fp16 and the "fp32" loss would be off by
+    ~1e-3; the losses instead compute in the dtype of the features they are given (fp32 features: the fp32 result;
+    bf16 features, e.g. from an encoder under autocast: the bf16 result, accumulated in fp32).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if device is None:
+            return fn(*args, **kwargs)
+        with _no_autocast(device):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +134,28 @@ def _empty_like_vector(x: Tensor, acc: torch.dtype) -> Tensor:
 _STATS_BLOCK_ROWS = 1 << 16  # rows per block of the O(N*D) statistics: bounds their fp32 temporaries
 
 
+class _RowDot(torch.autograd.Function):
+    """sum_d a[i, d] * b[i, d] in `acc`: a batched dot in the forward, elementwise products in the backward, so that
+    no matmul runs in the backward (a backward called inside torch.autocast would run a matmul in bf16)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        column = grad[:, None]
+        grad_a = (column * b).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = (column * a).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
 def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary."""
+    """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary (differentiable)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _RowDot.apply(a, b, acc)
     return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
 
 
@@ -144,7 +212,7 @@ def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
 
     An output that was not asked for (need_* False, empty target) comes back as an empty tensor.
     """
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast(x.device):
         row_lse, col_lse = _backend_module(backend).lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
         stats = _linear_stats(x, y, scale, row_bias, col_bias, row_target, col_target, need_sums)
     return (row_lse, col_lse) + stats
@@ -167,8 +235,9 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dy, dscale, drow_bias, dcol_bias) for the given output gradients (empty = zero)."""
     extras = Extras(grad_row_sum, grad_col_sum, row_target, grad_row_pos, col_target, grad_col_pos)
-    return _backend_module(backend).lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row,
-                                            grad_col, extras)
+    with _no_autocast(x.device):
+        return _backend_module(backend).lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row,
+                                                grad_col, extras)
 
 
 @lse_bwd.register_fake
@@ -230,6 +299,7 @@ def _as_vector(value, length: int, name: str, like: Tensor, acc_dtype: torch.dty
     raise ValueError(f"{name} must be a scalar or a ({length},) tensor, got shape {tuple(value.shape)}")
 
 
+@autocast_off
 def affine_lse(x: Tensor, y: Tensor, scale=1.0, row_bias=None, col_bias=None, *,
                need_row: bool = True, need_col: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Row and column log-sum-exp of ``L = scale_i * <x_i, y_j> + row_bias_i + col_bias_j``, exact, never N x M.
@@ -238,7 +308,7 @@ def affine_lse(x: Tensor, y: Tensor, scale=1.0, row_bias=None, col_bias=None, *,
         x: (N, D) features; y: (M, D) features of the same dtype and device.
         scale: float, 0-d tensor or (N,) tensor (per-row scale). row_bias: (N,) or scalar; col_bias: (M,) or scalar.
         need_row / need_col: which LSE to compute (the other comes back as an empty tensor).
-        backend: "auto" | "reference" | "cpu" | "triton".
+        backend: "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         (row_lse (N,), col_lse (M,)) in float32 (float64 for float64 inputs), differentiable w.r.t. x, y, scale,

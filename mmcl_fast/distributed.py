@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._ops import _as_vector, softmax_stats
+from ._ops import _as_vector, autocast_off, softmax_stats
 from ._validate import check_features, check_scalar
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -217,6 +217,7 @@ def _exchange_and_check(image_features, text_features, logit_scale, logit_bias, 
 # the loss
 # ---------------------------------------------------------------------------------------------
 
+@autocast_off
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
               local_loss: bool = False, group=None, rank: int | None = None, world_size: int | None = None,
               backend: str = "auto") -> Tensor:
@@ -236,7 +237,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
             its captions' column terms], which for equal batches is open_clip's local loss. The gradients are the
             same in both cases.
         group: the process group (default: the global group). rank / world_size: optional, checked against it.
-        backend: the primitive's backend ("auto", "reference", "cpu", "triton").
+        backend: the primitive's backend ("auto", "reference", "torch", "cpu", "triton").
 
     Gradient semantics (DDP): the returned loss_r carries the gradient of rank r's share, so
     sum_r loss_r / W = L and, after every rank runs ``(loss_r / W).backward()`` (what DDP's gradient averaging

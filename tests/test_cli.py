@@ -255,7 +255,7 @@ def test_info_json_reports_the_cpu_kernel_isa(capsys):
     assert run_cli(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["versions"]["torch"] == torch.__version__
-    assert set(data["backends"]) == {"reference", "cpu", "triton"}
+    assert set(data["backends"]) == {"reference", "torch", "cpu", "triton"}
     assert data["backends"]["reference"]["available"] is True
     from mmcl_fast.backends import cpu
     assert data["backends"]["cpu"]["available"] == cpu.available()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import mmcl_fast
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "torch", "reference"]
 
 
 def reference_clip(x, y, scale, bias=None, image_labels=None, text_labels=None, smoothing=0.0):
@@ -117,7 +117,9 @@ def test_float64_inputs(backend):
     compare(unit(65, 16, torch.float64), unit(65, 16, torch.float64), scale=7.0, bias=0.5, backend=backend)
 
 
-def test_auto_float64_routes_to_reference():
+def test_auto_float64_takes_the_blocked_torch_backend():
+    from mmcl_fast._ops import resolve_backend
+    assert resolve_backend("auto", torch.device("cpu"), torch.float64) == "torch"
     compare(unit(33, 8, torch.float64), unit(33, 8, torch.float64), scale=3.0, backend="auto")
 
 
@@ -217,6 +219,34 @@ def test_torch_compile_fullgraph():
     eager.backward()
     assert_rel_close(loss, eager, 1e-6, "compiled loss")
     assert_rel_close(gx, x.grad, 1e-6, "compiled grad")
+
+
+def test_torch_compile_fullgraph_with_labels():
+    """Labels (rectangular batch, label smoothing) compile without a graph break: no host read of label values."""
+    x, y = unit(60, 16).requires_grad_(), unit(25, 16).requires_grad_()
+    image_labels, text_labels = torch.randint(0, 25, (60,)), torch.randint(0, 60, (25,))
+
+    def step(x, y):
+        return mmcl_fast.clip_loss(x, y, 12.0, -1.0, image_labels=image_labels, text_labels=text_labels,
+                                   label_smoothing=0.1)
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y)
+    loss.backward()
+    grads = x.grad.clone(), y.grad.clone()
+    x.grad = y.grad = None
+    eager = step(x, y)
+    eager.backward()
+    assert_rel_close(loss, eager, 1e-6, "compiled loss")
+    assert_rel_close(grads[0], x.grad, 1e-6, "compiled d image")
+    assert_rel_close(grads[1], y.grad, 1e-6, "compiled d text")
+
+
+def test_logit_bias_grad_with_label_smoothing_ragged_columns():
+    """The folded row constant of label smoothing enters the bias gradient once per real column (a kernel used to
+    count it on the padded lanes of the last column block too)."""
+    for m in (1, 7, 37, 101, 193):
+        compare(unit(29, 24), unit(m, 24), scale=8.0, bias=0.3, image_labels=torch.randint(0, m, (29,)),
+                text_labels=torch.randint(0, 29, (m,)), smoothing=0.4)
 
 
 def test_opcheck_custom_ops():

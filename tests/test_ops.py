@@ -1,4 +1,5 @@
-"""The streamed-LSE primitive (affine_lse) and infonce, CPU kernel (every ISA build the CPU runs) vs a float64 dense reference."""
+"""The streamed-LSE primitive (affine_lse) and infonce, CPU kernel (every ISA build the CPU runs) and the blocked torch
+backend vs a float64 dense reference."""
 import os
 import subprocess
 import sys
@@ -16,11 +17,16 @@ _C = cpu_backend._module()
 ISAS = cpu_backend.runnable_isas()  # every build this CPU runs (e.g. avx2 + scalar, or avx512-bf16 ... scalar)
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
+@pytest.fixture(params=[f"cpu:{isa}" for isa in ISAS] + ["torch"])
+def kernel(request):
+    """A streamed backend to test: the compiled CPU kernel in each ISA build this CPU runs, and the torch backend."""
+    backend, _, isa = request.param.partition(":")
+    if not isa:
+        yield backend
+        return
     previous = cpu_backend.isa()
-    cpu_backend.set_isa(request.param)
-    yield request.param
+    cpu_backend.set_isa(isa)
+    yield backend
     cpu_backend.set_isa(previous)
 
 
@@ -32,7 +38,7 @@ def dense_lse(x, y, scale, row_bias, col_bias):
 @pytest.mark.parametrize("n,m,d", [(1, 1, 1), (2, 3, 7), (97, 389, 1000), (1000, 4097, 3), (4097, 129, 64),
                                    (193, 192, 65), (96, 97, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_affine_lse_and_grads_match_reference(isa, n, m, d, dtype):
+def test_affine_lse_and_grads_match_reference(kernel, n, m, d, dtype):
     """Per-row scale, row and column biases, arbitrary output weights: every input's gradient."""
     x = F.normalize(torch.randn(n, d), dim=1).to(dtype)
     y = F.normalize(torch.randn(m, d), dim=1).to(dtype)
@@ -40,7 +46,7 @@ def test_affine_lse_and_grads_match_reference(isa, n, m, d, dtype):
     row_bias, col_bias = torch.randn(n), torch.randn(m)
     w_row, w_col = torch.randn(n), torch.randn(m)
     ours = [t.clone().requires_grad_() for t in (x, y, scale, row_bias, col_bias)]
-    row_lse, col_lse = mmcl_fast.affine_lse(*ours, backend="cpu")
+    row_lse, col_lse = mmcl_fast.affine_lse(*ours, backend=kernel)
     assert row_lse.dtype == col_lse.dtype == torch.float32
     ((row_lse * w_row).sum() + (col_lse * w_col).sum()).backward()
     ref = [t.double().requires_grad_() for t in (x, y, scale, row_bias, col_bias)]
@@ -56,10 +62,10 @@ def test_affine_lse_and_grads_match_reference(isa, n, m, d, dtype):
 
 
 @pytest.mark.parametrize("need_row,need_col", [(True, False), (False, True)])
-def test_one_sided_lse(isa, need_row, need_col):
+def test_one_sided_lse(kernel, need_row, need_col):
     x, y = torch.randn(130, 20), torch.randn(77, 20)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    row_lse, col_lse = mmcl_fast.affine_lse(xs, ys, 0.5, need_row=need_row, need_col=need_col, backend="cpu")
+    row_lse, col_lse = mmcl_fast.affine_lse(xs, ys, 0.5, need_row=need_row, need_col=need_col, backend=kernel)
     out = row_lse if need_row else col_lse
     assert (row_lse.numel() == 0) != (col_lse.numel() == 0)
     out.sum().backward()
@@ -74,12 +80,12 @@ def test_one_sided_lse(isa, need_row, need_col):
 
 @pytest.mark.parametrize("per_row_scale", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_infonce_squared_l2(isa, per_row_scale, symmetric):
+def test_infonce_squared_l2(kernel, per_row_scale, symmetric):
     n, d = 150, 10
     q, k = torch.randn(n, d), torch.randn(n, d)
     scale = torch.rand(n) + 0.5 if per_row_scale else torch.tensor(0.7)
     qs, ks, ss = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
-    loss = mmcl_fast.infonce(qs, ks, ss, similarity="sqeuclidean", symmetric=symmetric, backend="cpu")
+    loss = mmcl_fast.infonce(qs, ks, ss, similarity="sqeuclidean", symmetric=symmetric, backend=kernel)
     loss.backward()
     qr, kr, sr = q.double().requires_grad_(), k.double().requires_grad_(), scale.double().requires_grad_()
     logits = -(sr[:, None] if per_row_scale else sr) * torch.cdist(qr, kr) ** 2
@@ -158,42 +164,51 @@ _PEAK_SCRIPT = textwrap.dedent("""
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
-    n, d, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
+    n, d, dtype, backend = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
     torch.set_num_threads(2)
     x = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
     scale = torch.tensor(14.0, requires_grad=True)
     # warm up on a tiny problem so that lazy imports / allocator pools are not counted
-    mmcl_fast.clip_loss(x[:8], y[:8], scale).backward()
+    mmcl_fast.clip_loss(x[:8], y[:8], scale, backend=backend).backward()
     x.grad = y.grad = scale.grad = None
     base = hwm_kib()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
     base = min(base, hwm_kib())
-    loss = mmcl_fast.clip_loss(x, y, scale)
+    loss = mmcl_fast.clip_loss(x, y, scale, backend=backend)
     loss.backward()
     print(hwm_kib() - base, 2 * x.numel() * x.element_size() // 1024)
 """)
 
 
-def _peak_growth_kib(n, d, dtype="float32"):
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), dtype], capture_output=True,
+def _peak_growth_kib(n, d, dtype="float32", backend="auto"):
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), dtype, backend], capture_output=True,
                          text=True, check=True)
     growth, inputs = map(int, out.stdout.split())
     return growth, inputs
 
 
-def test_no_quadratic_memory():
-    """N=8192, D=64: one N x N fp32 buffer would be 256 MiB; the inputs are 4 MiB."""
-    growth, inputs = _peak_growth_kib(8192, 64)
-    assert growth < 64 * 1024, f"peak RSS grew by {growth / 1024:.1f} MiB (inputs {inputs / 1024:.1f} MiB)"
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_no_quadratic_memory(backend):
+    """N=8192, D=64: one N x N fp32 buffer would be 256 MiB; the inputs are 4 MiB (torch backend: + its tiles)."""
+    from mmcl_fast.backends import blocked
+    tiles = 4 * blocked.TILE_ELEMENTS * 4 // 1024 if backend == "torch" else 0
+    growth, inputs = _peak_growth_kib(8192, 64, backend=backend)
+    assert growth < 64 * 1024 + tiles, f"peak RSS grew by {growth / 1024:.1f} MiB (inputs {inputs / 1024:.1f} MiB)"
 
 
 @pytest.mark.slow
-def test_memory_acceptance_n32768_d512():
-    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs."""
-    growth, inputs = _peak_growth_kib(32768, 512)
-    assert growth <= 4 * inputs, f"peak RSS grew by {growth / 1024:.0f} MiB, 4x inputs = {4 * inputs / 1024:.0f} MiB"
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_memory_acceptance_n32768_d512(backend):
+    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
+    backend: plus its tiles, four of TILE_ELEMENTS fp32 values at most)."""
+    from mmcl_fast.backends import blocked
+    tiles = 4 * blocked.TILE_ELEMENTS * 4 // 1024 if backend == "torch" else 0
+    growth, inputs = _peak_growth_kib(32768, 512, backend=backend)
+    print(f"{backend}: peak RSS growth {growth / 1024:.0f} MiB = {growth / inputs:.2f}x the inputs")
+    assert growth <= 4 * inputs + tiles, (f"peak RSS grew by {growth / 1024:.0f} MiB, 4x inputs = "
+                                          f"{4 * inputs / 1024:.0f} MiB (+ tiles {tiles / 1024:.0f} MiB)")
 
 
 def test_blocked_linear_statistics(monkeypatch):

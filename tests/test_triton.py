@@ -60,6 +60,12 @@ CLIP_CASES = [
     # forward program merges several row blocks into its column slot
     _clip("chunks-129x65-d37", 129, 65, 37, labels=True, bias=2.0, chunk_mb=0.004, max_splits=2),
     _clip("chunks-65-d20-smooth", 65, 65, 20, smoothing=0.2, chunk_mb=0.003, max_splits=3),
+    # issue 15.1: several row chunks but one column chunk (N >> M): each row chunk's dX must land on its own rows;
+    # and the mirror image (N << M), at several staged-G budgets, fp32 and bf16 (G staged in fp16: 2-byte chunks)
+    _clip("chunks-tall-300x20-d16", 300, 20, 16, labels=True, chunk_mb=0.004),
+    _clip("chunks-tall-300x20-d16-mb0.02", 300, 20, 16, labels=True, bias=1.0, chunk_mb=0.02),
+    _clip("bf16-chunks-tall-200x24-d32", 200, 24, 32, dtype="bfloat16", labels=True, chunk_mb=0.004),
+    _clip("chunks-wide-20x300-d16", 20, 300, 16, labels=True, chunk_mb=0.004),
     _clip("bf16-65-d64", 65, 65, 64, dtype="bfloat16"),
     _clip("bf16-rect-33x70-d20", 33, 70, 20, dtype="bfloat16", scale=30.0, bias=-2.0, labels=True),
     _clip("bf16-chunks-65x40-d37", 65, 40, 37, dtype="bfloat16", labels=True, smoothing=0.1, chunk_mb=0.003),
@@ -352,7 +358,7 @@ def _compile_for_hopper(kernel, types: dict, constexprs: dict, config):
     signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
     aligned = [name for name in fn.arg_names if name not in constexprs and (
         types[name].startswith("*") or name in ("D", "N", "M", "stride_x", "stride_y", "CHUNK_N", "CHUNK_M",
-                                                "K", "ROWS", "COLS", "stride_bk", "stride_or"))]
+                                                "G_STRIDE", "K", "ROWS", "COLS", "stride_bk", "stride_or"))]
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                        attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
@@ -377,58 +383,59 @@ def _spilled_bytes(compiled) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "tf32x3"])
 def test_kernels_compile_for_hopper_without_spills(dtype):
-    """Every kernel's first config for this dtype compiles for sm_90, on tensor cores (wgmma) for 16-bit
-    features, pipelined (cp.async), and without register spills. Catches compile-only errors the interpreter
-    cannot see (loop-carried types, layouts) on a machine without a GPU."""
+    """EVERY autotune config of every kernel for this feature type compiles for sm_90, on tensor cores (wgmma) for
+    16-bit features, pipelined (cp.async), and without register spills. Catches compile-only errors the
+    interpreter cannot see (loop-carried types, layouts) on a machine without a GPU."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs the compiler, not the interpreter")
     pytest.importorskip("triton")
     from mmcl_fast.backends.triton import lse, matmul
-    half = dtype != "fp32"
+    half = dtype in ("bf16", "fp16")
+    feature = "fp32" if dtype == "tf32x3" else dtype
     g_dtype = "fp16" if half else "fp32"
-    precision = "tf32" if half else "ieee"
-    tile_shape = (lse._HALF_SHAPES if half else lse._FP32_SHAPES)[0]
-    gemm_shape = (matmul._HALF_SHAPES if half else matmul._FP32_SHAPES)[0]
-    tile_config = next(c for c in lse._tile_configs() if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"],
-                                                          c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == tile_shape)
-    gemm_config = next(c for c in matmul._gemm_configs() if (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"],
-                                                             c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == gemm_shape)
-    features = dict(_FEATURE_ARGS, x_ptr="*" + dtype, y_ptr="*" + dtype)
+    precision = "tf32" if half else ("tf32x3" if dtype == "tf32x3" else "ieee")
+    tile_shapes = lse._HALF_SHAPES if half else (lse._TF32_SHAPES if dtype == "tf32x3" else lse._FP32_SHAPES)
+    gemm_shapes = matmul._HALF_SHAPES if half else (matmul._TF32_SHAPES if dtype == "tf32x3" else matmul._FP32_SHAPES)
+    key = lambda c, a, b: (c.kwargs[a], c.kwargs[b], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
+    tile_configs = [c for c in lse._tile_configs() if key(c, "BLOCK_N", "BLOCK_M") in tile_shapes]
+    gemm_configs = [c for c in matmul._gemm_configs() if key(c, "BLOCK_R", "BLOCK_C") in gemm_shapes]
+    assert len(tile_configs) == len(tile_shapes) and len(gemm_configs) == len(gemm_shapes)
+    features = dict(_FEATURE_ARGS, x_ptr="*" + feature, y_ptr="*" + feature)
     ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
-    forward = lse._lse_partials_kernel
     forward_types = dict(features, row_max_ptr="*fp32", row_sum_ptr="*fp32", col_max_ptr="*fp32",
                          col_sum_ptr="*fp32", **ints("N", "M", "D", "stride_x", "stride_y", "N_CLASS", "M_CLASS"))
-    grad = lse._grad_tile_kernel
     grad_types = dict(features, row_lse_ptr="*fp32", col_lse_ptr="*fp32", grad_row_ptr="*fp32",
                       grad_col_ptr="*fp32", row_const_ptr="*fp32", col_const_ptr="*fp32", row_target_ptr="*i64",
                       row_target_grad_ptr="*fp32", col_target_ptr="*i64", col_target_grad_ptr="*fp32",
                       g_ptr="*" + g_dtype, row_part_ptr="*fp32", col_part_ptr="*fp32", g_scale_ptr="*fp32",
                       **ints("row0", "col0", "n_rows", "n_cols", "D", "stride_x", "stride_y", "CHUNK_N", "CHUNK_M",
-                             "row_slots", "col_slots"))
-    gemm = matmul._accumulate_matmul_kernel
+                             "G_STRIDE", "row_slots", "col_slots", "N_CLASS", "M_CLASS"))
     gemm_types = dict(a_ptr="*" + g_dtype, b_ptr="*" + g_dtype, out_ptr="*fp32", alpha_ptr="*fp32",
-                      **ints("ROWS", "COLS", "K", "stride_ar", "stride_ak", "stride_bk", "stride_bc", "stride_or"))
-    builds = {
-        "forward": _compile_for_hopper(forward, forward_types, dict(
-            NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), tile_config),
-        "gradient tiles": _compile_for_hopper(grad, grad_types, dict(
+                      **ints("ROWS", "COLS", "K", "stride_ar", "stride_ak", "stride_bk", "stride_bc", "stride_or",
+                             "R_CLASS", "C_CLASS", "K_CLASS", "A_K_CONTIGUOUS"))
+    builds = {}
+    for config in tile_configs:
+        shape = key(config, "BLOCK_N", "BLOCK_M")
+        builds[f"forward {shape}"] = _compile_for_hopper(lse._lse_partials_kernel, forward_types, dict(
+            NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), config)
+        builds[f"gradient tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
             HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True, HAS_ROW_TARGET=True,
-            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), tile_config),
-        "dX GEMM": _compile_for_hopper(gemm, gemm_types, dict(
-            ACCUMULATE=True, UPCAST=False, INPUT_PRECISION=precision, ROUND_BF16=False, stride_ak=1,
-            stride_bc=1), gemm_config),
-        "dY GEMM": _compile_for_hopper(gemm, gemm_types, dict(
-            ACCUMULATE=True, UPCAST=False, INPUT_PRECISION=precision, ROUND_BF16=False, stride_ar=1,
-            stride_bc=1), gemm_config),
-    }
+            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), config)
+    for config in gemm_configs:
+        shape = key(config, "BLOCK_R", "BLOCK_C")
+        for name, layout in (("dX GEMM", dict(stride_ak=1)), ("dY GEMM", dict(stride_ar=1))):
+            builds[f"{name} {shape}"] = _compile_for_hopper(matmul._accumulate_matmul_kernel, gemm_types, dict(
+                ACCUMULATE=True, UPCAST=False, INPUT_PRECISION=precision, ROUND_BF16=False, stride_bc=1, **layout),
+                config)
+    spilled = {name: _spilled_bytes(compiled) for name, compiled in builds.items()}
     for name, compiled in builds.items():
         ptx = compiled.asm["ptx"]
         if half:
             assert "wgmma.mma_async" in ptx, f"{name}: no tensor-core (wgmma) instructions"
         assert "cp.async" in ptx, f"{name}: loads are not pipelined (no cp.async)"
-        assert _spilled_bytes(compiled) == 0, f"{name}: registers spill to local memory"
+    assert not any(spilled.values()), f"register spills (bytes of stack) per config: {spilled}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -524,3 +531,113 @@ def test_tf32_only_when_allowed_gpu():
     assert not torch.equal(fast["dx"], exact["dx"]), "allow_tf32 did not change the kernels' precision"
     assert_rel_close(fast["loss"], exact["loss"], 1e-2, "tf32 loss")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 15: autotuning keys, TF32 flags, device guard, the column-partial merge (GPU where it needs one)
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_size_class_maps_every_large_size_to_the_tuning_corner():
+    """The forward tunes on a TUNING_SIDE corner once; every larger problem must reuse that config."""
+    pytest.importorskip("triton")
+    from mmcl_fast.backends.triton.matmul import TUNING_SIDE, size_class
+    assert size_class(TUNING_SIDE) == size_class(TUNING_SIDE + 1) == size_class(2**20) == size_class(2**24)
+    assert size_class(3000) == size_class(4096) != size_class(4097)
+    assert size_class(1) == size_class(2) == 1
+
+
+def test_tf32_flags_of_both_torch_apis_are_read_without_error():
+    """Reading the legacy allow_tf32 after a user set the newer fp32_precision raises inside torch; the backend
+    reads the new API first. TF32 means the near-IEEE tf32x3 unless MMCL_FAST_TRITON_TF32=1x."""
+    pytest.importorskip("triton")
+    from mmcl_fast.backends.triton import lse
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    if lse.interpreting():
+        pytest.skip("the interpreter always computes in IEEE fp32")
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert lse._tf32_allowed() and lse._input_precision(torch.float32) == "tf32x3"
+        os.environ["MMCL_FAST_TRITON_TF32"] = "1x"
+        assert lse._input_precision(torch.float32) == "tf32"
+        del os.environ["MMCL_FAST_TRITON_TF32"]
+        matmul.fp32_precision = "ieee"
+        assert not lse._tf32_allowed() and lse._input_precision(torch.float32) == "ieee"
+        assert lse._input_precision(torch.bfloat16) == "tf32"  # ignored by tl.dot for 16-bit operands
+    finally:
+        os.environ.pop("MMCL_FAST_TRITON_TF32", None)
+        matmul.fp32_precision = previous
+
+
+@pytest.mark.gpu
+def test_tf32_new_api_is_unbiased_gpu():
+    """With fp32_precision = "tf32" (torch's new API) fp32 runs (no crash) as tf32x3: the confident rows at
+    logit_scale 100 that a single TF32 pass biases by ~0.06 stay within 1e-4 of the exact loss."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    base = _cuda_unit(2048, 512, torch.float32)
+    x, y = base, F.normalize(base + 0.05 * torch.randn_like(base), dim=1)  # near-aligned pairs: confident rows
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        exact = _run_cuda_clip(x, y, 100.0)
+        matmul.fp32_precision = "tf32"
+        fast = _run_cuda_clip(x, y, 100.0)
+    finally:
+        matmul.fp32_precision = previous
+    check_clip(exact, x, y, 100.0, None, None, None, 0.0, torch.float32)
+    assert_rel_close(fast["loss"], exact["loss"], 1e-4, "tf32x3 loss")
+
+
+@pytest.mark.gpu
+def test_features_on_a_non_current_device_gpu():
+    """Launches follow the tensors' device, not torch.cuda.current_device()."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (the guard is exercised only when the current device differs)")
+    import mmcl_fast
+    with torch.cuda.device(0):
+        x = F.normalize(torch.randn(1000, 256, device="cuda:1"), dim=1).requires_grad_()
+        y = F.normalize(torch.randn(1000, 256, device="cuda:1"), dim=1).requires_grad_()
+        loss = mmcl_fast.clip_loss(x, y, 20.0)
+        loss.backward()
+    assert loss.device == x.grad.device == torch.device("cuda:1")
+    xr, yr = x.detach().double().cpu().requires_grad_(), y.detach().double().cpu().requires_grad_()
+    ref = reference_clip(xr, yr, 20.0)
+    ref.backward()
+    assert_rel_close(loss.cpu(), ref, LOSS_RTOL[torch.float32], "loss on cuda:1")
+    assert_rel_close(x.grad.cpu(), xr.grad, GRAD_RTOL[torch.float32], "d image on cuda:1")
+
+
+@pytest.mark.gpu
+def test_column_partials_merge_many_row_blocks_gpu():
+    """Each forward program folds many row blocks into its column slot (stored in one register layout, reloaded
+    in another: the barrier case): column LSE against float64 with N >> M."""
+    from mmcl_fast import affine_lse
+    x, y = _cuda_unit(262144, 128, torch.bfloat16), _cuda_unit(256, 128, torch.bfloat16)
+    _, col_lse = affine_lse(x, y, 50.0, need_row=False)
+    sim = x.double() @ y.double().T
+    expected = torch.logsumexp(50.0 * sim, dim=0)
+    assert_rel_close(col_lse, expected, LOSS_RTOL[torch.bfloat16], "col_lse over 262144 rows")
+
+
+@pytest.mark.gpu
+def test_first_call_at_one_million_rows_tunes_on_a_corner_gpu():
+    """N = 2^20 (bf16, D = 256): the first call tunes on a 64k corner, not the full problem; its cost is printed
+    and bounded (a full-size tuning sweep takes minutes)."""
+    import time
+    import mmcl_fast
+    n = 1 << 20
+    x = _cuda_unit(n, 256, torch.bfloat16).requires_grad_()
+    y = _cuda_unit(n, 256, torch.bfloat16).requires_grad_()
+    times = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        mmcl_fast.clip_loss(x, y, 20.0).backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    print(f"N=2^20 bf16 D=256 fwd+bwd: first call {times[0]:.1f} s, second {times[1]:.1f} s")
+    assert times[0] < times[1] + 120.0, f"first call {times[0]:.0f} s: autotuning on the full problem?"

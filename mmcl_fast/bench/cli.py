@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .._ops import BACKENDS
 from .impls import DTYPES, LOSSES
 
 _SIZE_UNITS = {"": 2**30, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -82,9 +83,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mem-budget", type=parse_mem_budget, default=None, metavar="SIZE",
                         help="a run whose estimated peak exceeds this is recorded as skipped (default: 2GiB on "
                              "CPU, 90%% of GPU memory on CUDA)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="a call predicted (from the previous size) to take longer is recorded as skipped "
+                             "(default: 60 on CPU, none on CUDA; 0: no limit)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats after the warm-up (default: adaptive, median reported)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"),
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="mmcl_fast backend")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random features")
@@ -136,7 +140,7 @@ def build_config(args: argparse.Namespace):
     config = BenchConfig(out=Path(args.out), device=device, losses=args.loss, impls=impls, sizes=args.sizes,
                          dims=args.dim, dtypes=args.dtype, full=args.full, mem_budget_bytes=args.mem_budget,
                          repeats=args.repeats, backend=args.backend, seed=args.seed, threads=args.threads,
-                         plots=not args.no_plot)
+                         plots=not args.no_plot, time_budget_s=args.time_budget)
     for loss in config.losses:
         try:
             runnable, unavailable = impls_for(config, loss)

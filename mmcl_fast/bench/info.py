@@ -11,7 +11,8 @@ import torch
 
 def backends() -> dict:
     """{backend: {"available": bool, "detail": str}} for the primitive's backends on this machine."""
-    found = {"reference": {"available": True, "detail": "dense PyTorch (ground truth; materialises N x M)"}}
+    found = {"reference": {"available": True, "detail": "dense PyTorch (ground truth; materialises N x M)"},
+             "torch": {"available": True, "detail": "blocked plain-torch ops, any device (exact, never N x M)"}}
     try:
         from ..backends import cpu
         if cpu.available():

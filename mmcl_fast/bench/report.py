@@ -106,7 +106,8 @@ def markdown_summary(results: dict) -> str:
                 elif rec["status"] == "ok":
                     row.append(f"{_seconds(rec['seconds'])} / {rec['peak_mib']:,.0f}")
                 else:
-                    row.append("over budget" if rec.get("over_budget") else rec["status"])
+                    row.append("over budget" if rec.get("over_budget")
+                               else "over time budget" if "time budget" in (rec.get("note") or "") else rec["status"])
             ours = cell.get(("mmcl_fast", n))
             row.append(_ratio(ours and ours["speedup"]))
             row.append(_ratio(ours and ours["memory_ratio"]))

@@ -43,6 +43,10 @@ TIMING = {
     ("cuda", True): {"target_seconds": 2.0, "min_repeats": 10, "max_repeats": 200},
 }
 RECORD_TIMEOUT_SECONDS = 3600
+# A call predicted (from the same impl's previous size, time ~ N^2) to take longer than this is recorded as
+# skipped: e.g. open_clip in bf16 on a CPU without native bf16 matmul (~1 GFLOP/s) would need 8 min per call at
+# N = 8192. None: no limit.
+DEFAULT_TIME_BUDGET = {"cpu": 60.0, "cuda": None}
 
 
 @dataclass
@@ -61,6 +65,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     plots: bool = True
+    time_budget_s: float | None = None  # None: DEFAULT_TIME_BUDGET of the device; 0: no limit
 
     def resolved(self) -> BenchConfig:
         """A copy with every default filled in for the device."""
@@ -71,8 +76,10 @@ class BenchConfig:
                 budget = int(CUDA_BUDGET_FRACTION * torch.cuda.get_device_properties(0).total_memory)
             else:
                 budget = DEFAULT_CPU_BUDGET
+        time_budget = DEFAULT_TIME_BUDGET[self.device] if self.time_budget_s is None else (self.time_budget_s or None)
         return dataclasses.replace(self, sizes=list(self.sizes or sizes), dims=list(self.dims or dims),
-                                   dtypes=list(self.dtypes or dtypes), mem_budget_bytes=budget)
+                                   dtypes=list(self.dtypes or dtypes), mem_budget_bytes=budget,
+                                   time_budget_s=time_budget)
 
     def timing(self) -> dict:
         timing = dict(TIMING[(self.device, self.full)])
@@ -188,11 +195,12 @@ def run(config: BenchConfig, *, progress_console=None, show_progress: bool = Tru
             for loss_name, (impl_names, _) in plan.items():
                 for d, dtype_name in itertools.product(config.dims, config.dtypes):
                     failed_at: dict[str, int] = {}  # impl -> the N where it ran out of memory
+                    timed_at: dict[str, tuple[int, float]] = {}  # impl -> (N, seconds of its first call) so far
                     for n in sorted(config.sizes):
                         problem = _Problem(get_loss(loss_name), n, d, dtype_name, config, scratch)
                         for impl_name in impl_names:
                             progress.update(task, description=f"{loss_name} {impl_name:>9} n={n} d={d} {dtype_name}")
-                            rec = _run_record(problem, impl_name, config, machine, failed_at)
+                            rec = _run_record(problem, impl_name, config, machine, failed_at, timed_at)
                             records.append(rec)
                             _write_json(results_path, results)
                             progress.update(task, advance=1)
@@ -238,7 +246,7 @@ class _Problem:
 
 
 def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine: dict,
-                failed_at: dict[str, int]) -> dict:
+                failed_at: dict[str, int], timed_at: dict[str, tuple[int, float]]) -> dict:
     """Measure one impl on one problem, or record why it was skipped."""
     loss, n, d, dtype_name = problem.loss, problem.n, problem.d, problem.dtype_name
     impl = loss.impls[impl_name]
@@ -250,6 +258,12 @@ def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine:
     if reason is None and estimate > config.mem_budget_bytes:
         rec["over_budget"] = True
         reason = f"estimated {_size(estimate)} > memory budget {_size(config.mem_budget_bytes)}"
+    if reason is None and config.time_budget_s and impl_name in timed_at:
+        prev_n, prev_seconds = timed_at[impl_name]
+        predicted = prev_seconds * (n / prev_n) ** 2
+        if predicted > config.time_budget_s:
+            reason = (f"estimated {predicted:.0f} s per call (from {prev_seconds:.1f} s at n={prev_n}) > time "
+                      f"budget {config.time_budget_s:.0f} s")
     if reason is not None:
         rec["note"] = reason
         return rec
@@ -261,6 +275,8 @@ def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine:
     _fill(rec, result, problem.reference(), loss.flops(n, n, d), machine["matmul_gflops"].get(dtype_name))
     if rec["status"] == "oom":
         failed_at[impl_name] = n
+    if rec["status"] == "ok":
+        timed_at[impl_name] = (n, rec["first_seconds"])
     return rec
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ops
+from .._ops import autocast_off
 from .._validate import check_same_shape, check_scalar
 from .uniformity import squared_norms
 
@@ -103,6 +104,7 @@ def _contrastive_bridge_per_sample_t(augmented: Tensor, image: Tensor, text: Ten
     return _bridge_cross_entropy(query, keys, inv_var, None, acc, backend)
 
 
+@autocast_off
 def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, augmented_image_features: Tensor,
                          t=0.25, *, mode: str = "pairwise", backend: str = "auto") -> Tensor:
     """Brownian-bridge loss of Jiang et al. (CVPR 2023): pull augmented image features onto the image-text bridge.

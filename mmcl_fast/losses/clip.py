@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._ops import autocast_off
 from .._validate import check_features, check_labels, check_scalar
 from .infonce import _infonce_from_affine, affine_logits
 
 
+@autocast_off
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
               image_labels: Tensor | None = None, text_labels: Tensor | None = None,
               label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .._ops import autocast_off
 from .._validate import check_same_shape
 
 # Rows per block: keep each float64 block temporary around 4 MiB, whatever D is.
@@ -127,6 +128,7 @@ class _GeometricConsistency(torch.autograd.Function):
         return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+@autocast_off
 def geometric_consistency_loss(image_features: Tensor, text_features: Tensor, image_aug: Tensor | None = None,
                                text_aug: Tensor | None = None) -> Tensor:
     """Geometric-consistency loss L_GC of Jiang et al. (CVPR 2023), plus L^a_GC when both augmented views are given.

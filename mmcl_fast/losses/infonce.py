@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._ops import autocast_off
 from .._validate import check_features, check_labels, check_scalar
 
 SIMILARITIES = ("dot", "sqeuclidean")
@@ -73,6 +74,7 @@ def _reduce(losses: Tensor, reduction: str) -> Tensor:
     return losses
 
 
+@autocast_off
 def infonce(query: Tensor, keys: Tensor, scale=1.0, *, row_bias=None, col_bias=None,
             query_labels: Tensor | None = None, key_labels: Tensor | None = None,
             similarity: str = "dot", symmetric: bool = True, label_smoothing: float = 0.0,

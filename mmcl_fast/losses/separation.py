@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._ops import _rowdot, autocast_off
 from .._validate import check_same_shape
-from .._ops import _rowdot
 from .infonce import infonce
 from .uniformity import _check_positive, uniformity_loss
 
 
+@autocast_off
 def feature_separation_loss(image_features: Tensor, text_features: Tensor, image_indep: Tensor,
                             text_indep: Tensor, image_indep_aug: Tensor, text_indep_aug: Tensor,
                             temperature=0.07, t=2.0, *, backend: str = "auto") -> Tensor:

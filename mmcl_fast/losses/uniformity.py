@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _ops
+from .._ops import autocast_off
 from .._validate import check_feature, check_scalar
 
 
@@ -50,6 +51,7 @@ def _check_positive(value, name: str, like: Tensor):
     return value
 
 
+@autocast_off
 def uniformity_loss(x: Tensor, t=2.0, *, backend: str = "auto") -> Tensor:
     """Uniformity of features on the sphere: log of the mean over all N^2 pairs of exp(-t ||x_j - x_k||^2).
 

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from .._ops import BACKENDS
 from .data import N_SEMANTIC, BiasConfig
 from .study import PRESETS
 
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"validation and test samples each (paper: {_PAPER['eval']['n_val']}, --quick: "
                              f"{_QUICK['eval']['n_val']}); the kernel ridge regressor uses a subsample of at most "
                              f"{_PAPER['eval']['n_nonlinear']} (--quick: {_QUICK['eval']['n_nonlinear']})")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"),
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="backend of the fused InfoNCE primitive (default: auto)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=_positive_int,

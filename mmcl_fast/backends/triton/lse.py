@@ -29,9 +29,15 @@ accumulation and fp32 LSE. G is staged in fp16 for bf16 and fp16 features (11-bi
 than bf16, which would add up to 2^-8 relative error per term and break the bf16 gradient tolerance at real
 sizes), lifted into fp16's range by a power of two computed on the device; for the backward GEMMs the bf16
 feature rows of the current chunk are copied to fp16 with a power-of-two shift (exact down to 2^-31 of the
-largest entry). fp32 features are computed in full fp32 (`input_precision="ieee"`) unless
-`torch.backends.cuda.matmul.allow_tf32` (or `fp32_precision = "tf32"`) is on. exp(L - lse) is one fma of the
-exact product with the bias-minus-lse term, so the large parts cancel before rounding.
+largest entry). fp32 features are computed in full fp32 (`input_precision="ieee"`) unless the caller allows
+TF32 (`torch.backends.cuda.matmul.allow_tf32`, or the newer `fp32_precision = "tf32"`): then the dots run as
+"tf32x3" (three TF32 passes, near-IEEE accuracy on the tensor cores), because a single TF32 pass truncates the
+features to 10 bits while the positives' logits come from an fp32 torch product: at logit_scale 100 that
+mismatch biases the loss by ~0.06 on a confident row. `MMCL_FAST_TRITON_TF32=1x` takes the single pass anyway.
+exp(L - lse) is one fma of the exact product with the bias-minus-lse term, so the large parts cancel before
+rounding.
+
+Devices: every launch runs under the features' CUDA device (a guard), not the current one.
 
 Determinism: no atomics; every reduction has a fixed order for a given config, so runs in one process are
 bit-identical. The autotuner picks configs per process by timing; `MMCL_FAST_TRITON_AUTOTUNE=0` pins the first
@@ -42,6 +48,7 @@ half-precision path is wrong there, and bf16 stores are rounded by hand (the int
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -50,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .matmul import accumulate_matmul, interpreting
+from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same constant, visible inside @triton.jit functions
@@ -81,7 +88,7 @@ def _prune_tile_configs(configs, named_args, **kwargs):
     if named_args["x_ptr"].dtype != torch.float32:
         wanted = _HALF_SHAPES
     else:
-        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION") == "tf32" else _FP32_SHAPES
+        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION", "").startswith("tf32") else _FP32_SHAPES
     keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in wanted]
     if os.environ.get("MMCL_FAST_TRITON_AUTOTUNE", "1") == "0":  # pinned: bit-identical across processes
@@ -120,7 +127,7 @@ def _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stri
     return acc
 
 
-@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS"],
+@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_tile_configs})
 @triton.jit
 def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
@@ -176,6 +183,9 @@ def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                 tile_sum = tl.sum(tl.exp2((logit - tile_shift[None, :]) * _LOG2E), axis=0)
                 slot = split_r.to(tl.int64) * M + cols
                 if row_block != split_r:  # not this program's first row block: merge with its slot
+                    # the slot was stored in the previous row block's register layout by other threads of this
+                    # program: make those stores visible before reading them back in this layout
+                    tl.debug_barrier()
                     prev_max = tl.load(col_max_ptr + slot, mask=col_ok, other=float("-inf"))
                     prev_sum = tl.load(col_sum_ptr + slot, mask=col_ok, other=0.0)
                     merged_max = tl.maximum(prev_max, tile_max)
@@ -207,7 +217,7 @@ def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                 tl.store(row_sum_ptr + slot, tl.zeros((BLOCK_N,), tl.float32), mask=row_ok)
 
 
-@triton.autotune(configs=_tile_configs(), key=["D", "CHUNK_N", "CHUNK_M"],
+@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_tile_configs})
 @triton.jit
 def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
@@ -216,7 +226,7 @@ def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                       col_target_ptr, col_target_grad_ptr,
                       g_ptr, row_part_ptr, col_part_ptr,
                       row0, col0, n_rows, n_cols, D, stride_x, stride_y, g_scale_ptr,
-                      CHUNK_N, CHUNK_M, row_slots, col_slots,
+                      CHUNK_N, CHUNK_M, G_STRIDE, row_slots, col_slots, N_CLASS, M_CLASS,
                       HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_ROW_CONST: tl.constexpr,
                       HAS_COL_CONST: tl.constexpr, HAS_ROW_TARGET: tl.constexpr, HAS_COL_TARGET: tl.constexpr,
                       UPCAST: tl.constexpr,
@@ -276,7 +286,7 @@ def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
     grad = tl.where(valid, grad, 0.0)
 
     g_scale = tl.load(g_scale_ptr)
-    g_ptrs = g_ptr + local_rows.to(tl.int64)[:, None] * CHUNK_M + local_cols[None, :]
+    g_ptrs = g_ptr + local_rows.to(tl.int64)[:, None] * G_STRIDE + local_cols[None, :]
     tl.store(g_ptrs, (grad * (scale * g_scale)[:, None]).to(g_ptr.dtype.element_ty), mask=valid)
 
     # Partial reductions, written into slots so the buffer layout is independent of the tile shape.
@@ -305,24 +315,30 @@ _MAX_SPLITS = 16  # R and C of the forward grid: R * C programs, (R + C) partial
 _MIN_ROWS_PER_SPLIT = 8 if interpreting() else 64  # 8: the CPU tests also meet splits with no work
 
 
+def _tf32_allowed() -> bool:
+    """Has the caller allowed TF32 for fp32 matmuls on CUDA? Reads torch's newer `fp32_precision` first: once a
+    user set it, reading the legacy `allow_tf32` raises ("mix of the legacy and new APIs")."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision not in (None, "none"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _input_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: fp32 features are full fp32 unless torch allows TF32 (bf16/fp16 ignore it)."""
+    """tl.dot's input_precision: fp32 features are full fp32 unless torch allows TF32, and then "tf32x3" (see the
+    module docstring; MMCL_FAST_TRITON_TF32=1x: plain "tf32"). bf16/fp16 features ignore it."""
     if dtype != torch.float32:
         return "tf32"
-    if interpreting():
+    if interpreting() or not _tf32_allowed():
         return "ieee"
-    matmul = torch.backends.cuda.matmul
-    tf32 = bool(matmul.allow_tf32) or getattr(matmul, "fp32_precision", "none") == "tf32"
-    return "tf32" if tf32 else "ieee"
+    return "tf32" if os.environ.get("MMCL_FAST_TRITON_TF32", "3x") == "1x" else "tf32x3"
 
 
-_TUNING_SIDE = 65536  # the forward is autotuned on at most this many rows and columns
 _TUNED: set = set()  # (D, dtype, precision, need_row, need_col, device) already tuned on a corner
-
-
-def _size_class(n: int) -> int:
-    """Autotuning key: sizes within a factor of two share a config; sizes above _TUNING_SIDE share one."""
-    return min(max(n - 1, 1), _TUNING_SIDE).bit_length()
 
 
 def _check_vector(t, name: str, length: int, device) -> None:
@@ -369,17 +385,27 @@ def _merge_partials(part_max: Tensor, part_sum: Tensor) -> Tensor:
     return top + torch.log(total)
 
 
+def _on_device(t: Tensor):
+    """Launch on `t`'s CUDA device, whatever the current device is (a no-op for CPU tensors: the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
             need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
     """(row_lse (N,), col_lse (M,)) in fp32; an unneeded side comes back empty. One GEMM-equivalent."""
     _check_problem(x, y, scale, row_bias, col_bias)
+    with _on_device(x):
+        return _lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
+
+
+def _lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col):
     if not (need_row or need_col):
         raise ValueError("at least one of need_row / need_col must be True")
     tuning_key = (x.shape[1], x.dtype, _input_precision(x.dtype), need_row, need_col, x.device)
-    if max(x.shape[0], y.shape[0]) > _TUNING_SIDE and tuning_key not in _TUNED and not interpreting():
+    if max(x.shape[0], y.shape[0]) > TUNING_SIDE and tuning_key not in _TUNED and not interpreting():
         # One sweep at N = 8M takes minutes: let the autotuner time its configs on a 64k x 64k corner (same
         # grid, same tiles) and reuse the winner, which the capped size class maps the full problem to.
-        side_n, side_m = min(x.shape[0], _TUNING_SIDE), min(y.shape[0], _TUNING_SIDE)
+        side_n, side_m = min(x.shape[0], TUNING_SIDE), min(y.shape[0], TUNING_SIDE)
         _launch_lse_partials(x[:side_n], y[:side_m], scale[:side_n], row_bias[:side_n], col_bias[:side_m],
                              need_row, need_col)
         _TUNED.add(tuning_key)
@@ -398,7 +424,7 @@ def _launch_lse_partials(x, y, scale, row_bias, col_bias, need_row, need_col):
     col_sum = torch.empty_like(col_max)
     _lse_partials_kernel[(splits_r, splits_c)](
         x, y, scale, row_bias, col_bias, row_max, row_sum, col_max, col_sum,
-        n, m, d, x.stride(0), y.stride(0), _size_class(n), _size_class(m),
+        n, m, d, x.stride(0), y.stride(0), size_class(n), size_class(m),
         NEED_ROW=need_row, NEED_COL=need_col, UPCAST=interpreting() and x.dtype != torch.float32,
         INPUT_PRECISION=_input_precision(x.dtype))
     empty = torch.empty(0, **f32)
@@ -470,6 +496,11 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     dX += G Y and dY += G^T X over each staged chunk of G.
     """
     _check_problem(x, y, scale, row_bias, col_bias)
+    with _on_device(x):
+        return _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras)
+
+
+def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras):
     n, d = x.shape
     m = y.shape[0]
     device = x.device
@@ -502,16 +533,20 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     chunk_n, chunk_m = _chunk_shape(n, m, torch.finfo(g_dtype).bits // 8)
     row_chunks = list(range(0, n, chunk_n))
     col_chunks = list(range(0, m, chunk_m))
-    staged = torch.empty((chunk_n, chunk_m), dtype=g_dtype, device=x.device)
+    # G's row stride is padded to a multiple of 16 elements: Triton then specialises the kernels on an aligned
+    # stride (16-byte vector loads and stores, wgmma-friendly) whatever M is
+    g_stride = -(-chunk_m // 16) * 16
+    staged = torch.empty((chunk_n, g_stride), dtype=g_dtype, device=x.device)
     row_slots, col_slots = triton.cdiv(chunk_n, _SLOT), triton.cdiv(chunk_m, _SLOT)
     row_part = torch.empty((2, col_slots, chunk_n), **f32)
     col_part = torch.empty((row_slots, chunk_m), **f32)
 
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dy = torch.empty_like(y, memory_format=torch.contiguous_format)
-    # dX rows are finished chunk by chunk (inner loop over columns); dY accumulates over row chunks in fp32
-    # unless one row chunk covers all of N.
-    dx_acc = dx if len(col_chunks) == 1 else torch.empty((min(chunk_n, n), d), **f32)
+    # dX rows are finished chunk by chunk (inner loop over columns): with one column chunk each row chunk's GEMM
+    # writes its own rows of dx directly, otherwise it accumulates in fp32 and is copied out. dY accumulates over
+    # row chunks in fp32 unless one row chunk covers all of N.
+    dx_acc = None if len(col_chunks) == 1 else torch.empty((min(chunk_n, n), d), **f32)
     dy_acc = dy if len(row_chunks) == 1 else torch.empty((m, d), **f32)
     dscale = torch.empty(n, **f32)
     drow = torch.empty(n, **f32)
@@ -542,7 +577,7 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
                 x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col,
                 row_const, col_const, row_target, row_target_grad, col_target, col_target_grad,
                 staged, row_part, col_part, row0, col0, n_rows, n_cols, d, x.stride(0), y.stride(0), g_scale,
-                chunk_n, chunk_m, row_slots, col_slots,
+                chunk_n, chunk_m, g_stride, row_slots, col_slots, size_class(n_rows), size_class(n_cols),
                 HAS_ROW=has_row, HAS_COL=has_col, HAS_ROW_CONST=has_row_const, HAS_COL_CONST=has_col_const,
                 HAS_ROW_TARGET=has_row_target, HAS_COL_TARGET=has_col_target, UPCAST=upcast,
                 INPUT_PRECISION=precision, SLOT=_SLOT)
@@ -561,9 +596,10 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
             else:
                 dcol[cols] += part_dcol
             g = staged[:n_rows, :n_cols]
-            accumulate_matmul(dx_acc[:n_rows], g, y_cols, dx_alpha, accumulate=cj > 0, input_precision=precision)
+            dx_out = dx[rows] if dx_acc is None else dx_acc[:n_rows]
+            accumulate_matmul(dx_out, g, y_cols, dx_alpha, accumulate=cj > 0, input_precision=precision)
             accumulate_matmul(dy_acc[cols], g.t(), x_rows, dy_alpha, accumulate=ci > 0, input_precision=precision)
-        if dx_acc is not dx:
+        if dx_acc is not None:
             dx[rows] = dx_acc[:n_rows]
     if dy_acc is not dy:
         dy.copy_(dy_acc)

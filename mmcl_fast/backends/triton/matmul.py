@@ -26,6 +26,15 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+TUNING_SIDE = 65536  # sizes above this share one autotuning class (and the forward tunes on a corner this big)
+
+
+def size_class(n: int) -> int:
+    """Autotuning key for a size: sizes within a factor of two share a config, and every size >= TUNING_SIDE shares
+    the class of TUNING_SIDE itself, so a config tuned on a TUNING_SIDE corner is reused for any larger problem."""
+    return min(max(n - 1, 1), TUNING_SIDE - 1).bit_length()
+
+
 @triton.jit
 def cast_for_store(value, ptr, ROUND_BF16: tl.constexpr):
     """value (fp32) cast to ptr's element type. ROUND_BF16 (interpreter only): round to nearest even by hand,
@@ -58,7 +67,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     if named_args["a_ptr"].dtype != torch.float32:
         wanted = _HALF_SHAPES
     else:
-        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION") == "tf32" else _FP32_SHAPES
+        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION", "").startswith("tf32") else _FP32_SHAPES
     keep = [c for c in configs if (c.kwargs["BLOCK_R"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in wanted]
     if os.environ.get("MMCL_FAST_TRITON_AUTOTUNE", "1") == "0":  # pinned: bit-identical across processes
@@ -66,11 +75,15 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["ROWS", "COLS", "K", "ACCUMULATE"], restore_value=["out_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
+# Keyed on size classes (not exact sizes: a new batch size must not re-time every config), on the precision and
+# on A's layout (G, or G^T for dY), which change the best tile.
+@triton.autotune(configs=_gemm_configs(),
+                 key=["R_CLASS", "C_CLASS", "K_CLASS", "A_K_CONTIGUOUS", "ACCUMULATE", "INPUT_PRECISION"],
+                 restore_value=["out_ptr"], prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _accumulate_matmul_kernel(a_ptr, b_ptr, out_ptr, alpha_ptr, ROWS, COLS, K,
                               stride_ar, stride_ak, stride_bk, stride_bc, stride_or,
+                              R_CLASS, C_CLASS, K_CLASS, A_K_CONTIGUOUS,
                               ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               ROUND_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                               BLOCK_K: tl.constexpr, GROUP_R: tl.constexpr):
@@ -153,5 +166,6 @@ def accumulate_matmul(out: Tensor, a: Tensor, b: Tensor, alpha: Tensor, *, accum
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(cols, meta["BLOCK_C"]),)  # noqa: E731
     _accumulate_matmul_kernel[grid](
         a, b, out, alpha, rows, cols, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        size_class(rows), size_class(cols), size_class(k), int(a.stride(1) == 1),
         ACCUMULATE=accumulate, UPCAST=interpreting() and a.dtype != torch.float32,
         INPUT_PRECISION=input_precision, ROUND_BF16=interpreting() and out.dtype == torch.bfloat16)

@@ -1,0 +1,135 @@
+"""The `torch` backend: the streamed-LSE primitive of SPEC §1 on plain torch ops, on any device torch supports.
+
+Portable and exact where no compiled kernel exists (CUDA without Triton, ROCm, MPS, XPU, a CPU whose compiled core
+failed to build), and the blocked, memory-bounded path for float64. The logits are visited in tiles of a block of
+rows x a block of columns (all columns when they fit the tile budget):
+
+    forward:  S = X_I Y_J^T (one matmul), L = scale_I S + row_bias_I + col_bias_J, online row and column
+              max / sum-exp in the accumulation dtype (fp32; fp64 for fp64 inputs)
+    backward: recompute S, G = grad_row e^(L - row_lse) + grad_col e^(L - col_lse) + folded linear terms,
+              dX_I += (scale_I G) Y_J, dY_J += (scale_I G)^T X_I, dscale, drow_bias, dcol_bias from G
+
+GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 + 3). Memory: O((N + M) * D) for the gradient
+accumulators plus a few tiles of at most `TILE_ELEMENTS` accumulation-dtype elements; never N x M (unless N x M is
+itself under the tile budget). bf16 / fp16 features are converted to fp32 one block at a time (the matmul then
+accumulates in fp32: a 16-bit matmul would round every logit to 8 or 11 bits), never as a whole copy. Everything
+is sync-free (no `.item()`, no data-dependent shapes), so it runs asynchronously on accelerators; the order of
+every reduction is fixed, so results are deterministic wherever torch's matmul is.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one logits tile (fp32: 16 MiB); a step holds about four tile-sized temporaries.
+TILE_ELEMENTS = 1 << 22
+# Widest column block: beyond it rows x columns tiles would leave too few rows per matmul.
+MAX_BLOCK_COLS = 16384
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tiles(n: int, m: int):
+    """(i0, i1, j0, j1) of every tile, column block outer (each column block is converted once)."""
+    cols = min(m, MAX_BLOCK_COLS)
+    rows = max(1, min(n, TILE_ELEMENTS // cols))
+    for j0 in range(0, m, cols):
+        for i0 in range(0, n, rows):
+            yield i0, min(i0 + rows, n), j0, min(j0 + cols, m)
+
+
+def _logits(x_blk, y_blk, scale, row_bias, col_bias):
+    sim = x_blk @ y_blk.T
+    return sim, torch.addcmul(row_bias[:, None] + col_bias[None, :], scale[:, None], sim)
+
+
+def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int) -> None:
+    """run_sum <- run_sum * e^(run_max - new_max) + sum_dim e^(logits - new_max); run_max <- new_max (in place)."""
+    new_max = torch.maximum(run_max, logits.amax(dim))
+    # a state that has seen only -inf so far has nothing to rescale (and -inf - -inf would be NaN)
+    rescale = torch.where(run_max == float("-inf"), 0.0, torch.exp(run_max - new_max))
+    shifted = logits - (new_max[:, None] if dim == 1 else new_max[None, :])
+    run_sum.mul_(rescale).add_(shifted.exp_().sum(dim))
+    run_max.copy_(new_max)
+
+
+def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
+    acc = _acc_dtype(x)
+    n, m = x.shape[0], y.shape[0]
+    row_max = torch.full((n if need_row else 0,), float("-inf"), dtype=acc, device=x.device)
+    row_sum = torch.zeros_like(row_max)
+    col_max = torch.full((m if need_col else 0,), float("-inf"), dtype=acc, device=x.device)
+    col_sum = torch.zeros_like(col_max)
+    y_blk, y_range = None, None
+    for i0, i1, j0, j1 in _tiles(n, m):
+        if y_range != (j0, j1):
+            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
+        _, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
+        if need_row:
+            _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1)
+        if need_col:
+            _online_update(col_max[j0:j1], col_sum[j0:j1], logits, 0)
+    return row_max + row_sum.log(), col_max + col_sum.log()
+
+
+def _add_targets(g: Tensor, target: Tensor, target_grad: Tensor, start: int, dim: int) -> None:
+    """g[k, target_k - start] += target_grad_k (dim 1; dim 0: transposed) where the target falls in the tile."""
+    size = g.shape[dim]
+    local = target - start
+    inside = (local >= 0) & (local < size)
+    index = local.clamp(0, size - 1)
+    value = torch.where(inside, target_grad.to(g.dtype), 0.0)
+    if dim == 1:
+        g.scatter_add_(1, index[:, None], value[:, None])
+    else:
+        g.scatter_add_(0, index[None, :], value[None, :])
+
+
+def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
+    acc = _acc_dtype(x)
+    n, m = x.shape[0], y.shape[0]
+    use_row = row_lse.numel() > 0 and grad_row.numel() > 0
+    use_col = col_lse.numel() > 0 and grad_col.numel() > 0
+    present = (lambda t: t is not None and t.numel() > 0)  # noqa: E731
+    row_const = extras.row_const if extras is not None and present(extras.row_const) else None
+    col_const = extras.col_const if extras is not None and present(extras.col_const) else None
+    row_target = (extras.row_target if extras is not None and present(extras.row_target)
+                  and present(extras.row_target_grad) else None)
+    col_target = (extras.col_target if extras is not None and present(extras.col_target)
+                  and present(extras.col_target_grad) else None)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    dscale = torch.zeros(n, dtype=acc, device=x.device)
+    drow = torch.zeros(n, dtype=acc, device=x.device)
+    dcol = torch.zeros(m, dtype=acc, device=x.device)
+    y_blk, y_range = None, None
+    for i0, i1, j0, j1 in _tiles(n, m):
+        if y_range != (j0, j1):
+            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
+        x_blk = x[i0:i1].to(acc)
+        sim, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
+        g = torch.zeros_like(logits)
+        if use_col:
+            g.addcmul_(torch.exp(logits - col_lse[None, j0:j1]), grad_col[None, j0:j1].to(acc))
+        if use_row:
+            g.addcmul_(logits.sub_(row_lse[i0:i1, None]).exp_(), grad_row[i0:i1, None].to(acc))
+        del logits
+        if row_const is not None:
+            g.add_(row_const[i0:i1, None].to(acc))
+        if col_const is not None:
+            g.add_(col_const[None, j0:j1].to(acc))
+        if row_target is not None:
+            _add_targets(g, row_target[i0:i1], extras.row_target_grad[i0:i1], j0, 1)
+        if col_target is not None:
+            _add_targets(g, col_target[j0:j1], extras.col_target_grad[j0:j1], i0, 0)
+        dscale[i0:i1] += (g * sim).sum(1)
+        del sim
+        drow[i0:i1] += g.sum(1)
+        dcol[j0:j1] += g.sum(0)
+        g.mul_(scale[i0:i1, None].to(acc))
+        dx[i0:i1].addmm_(g, y_blk)
+        dy[j0:j1].addmm_(g.T, x_blk)
+    return (dx.to(x.dtype), dy.to(y.dtype), dscale.to(scale.dtype), drow.to(row_bias.dtype),
+            dcol.to(col_bias.dtype))
