@@ -36,17 +36,19 @@ def fwd_bwd(loss_fn, x, y, scale):
     return time.perf_counter() - start, loss.detach().double().item()
 
 
-def matmul_gflops(dtype, size=4096, repeats=3):
-    """Best-of-repeats rate of a size^3 matmul; the size shrinks (by 2) until one product takes under 2 s, so a
-    dtype that this CPU multiplies slowly (bf16 without AVX512-BF16/AMX: ~1 GFLOP/s) is timed in seconds."""
+def matmul_gflops(dtype, size=4096, inner=None, repeats=3):
+    """Best-of-repeats rate of a (size x inner) @ (inner x size) matmul (inner=None: square); the size shrinks (by
+    2) until one product takes under 2 s, so a dtype that this CPU multiplies slowly (bf16 without AVX512-BF16 /
+    AMX: ~1 GFLOP/s) is timed in seconds."""
     while True:
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        k = inner or size
+        a, b = torch.randn(size, k).to(dtype), torch.randn(k, size).to(dtype)
         first = _timed(lambda: a @ b)
         if first < 2.0 or size <= 512:
             break
         size //= 2
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
+    return 2 * size * size * (inner or size) / best / 1e9
 
 
 def _timed(fn):
@@ -68,6 +70,8 @@ def run(n: int, d: int, repeats: int, slow_anchor_s: float = 300.0) -> dict:
         times = {name: [] for name in impls}
         losses = {}
         ceiling = matmul_gflops(dtype)
+        # the GEMM of the loss itself: (4096 x D) @ (D x 4096), K = D, as `mmcl-fast bench` measures its ceiling
+        loss_shape_ceiling = matmul_gflops(dtype, 4096, d)
         # An anchor whose GEMMs alone (12 N^2 D FLOPs: 6 GEMMs of open_clip's fwd+bwd) would take over
         # `slow_anchor_s` at the measured matmul rate is timed once, without warm-up (bf16 on a CPU without native
         # bf16 matmul: half an hour per call at N=16384); the record says so.
@@ -86,6 +90,7 @@ def run(n: int, d: int, repeats: int, slow_anchor_s: float = 300.0) -> dict:
             records.append({
                 "impl": name, "dtype": dtype_name, "n": n, "d": d, "seconds": seconds, "all_seconds": times[name],
                 "gflops": 8 * n * n * d / seconds / 1e9, "matmul_gflops": ceiling,
+                "matmul_gflops_loss_shape": loss_shape_ceiling,
                 "rel_err": abs(losses[name] - reference) / abs(reference),
                 "timed_once_without_warmup": name in single,
             })
@@ -93,6 +98,7 @@ def run(n: int, d: int, repeats: int, slow_anchor_s: float = 300.0) -> dict:
         theirs = next(r for r in records if r["impl"] == "open_clip" and r["dtype"] == dtype_name)
         ours["speedup_vs_open_clip"] = theirs["seconds"] / ours["seconds"]
         ours["fraction_of_matmul"] = ours["gflops"] / ceiling
+        ours["fraction_of_loss_shape_matmul"] = ours["gflops"] / loss_shape_ceiling
     machine = describe(torch.device("cpu"), ["fp32", "bf16"], measure_matmul=False)
     return {"machine": machine, "records": records}
 
@@ -111,8 +117,9 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     print(f"CPU: {result['machine']['cpu']}, CPU kernel ISA: {result['machine']['cpu_kernel_isa']}")
     for r in result["records"]:
-        extra = (f"  {r['speedup_vs_open_clip']:.2f}x vs open_clip, {100 * r['fraction_of_matmul']:.0f}% of matmul"
-                 if r["impl"] == "mmcl_fast" else "")
+        extra = (f"  {r['speedup_vs_open_clip']:.2f}x vs open_clip, {100 * r['fraction_of_matmul']:.0f}% of the "
+                 f"square matmul, {100 * r['fraction_of_loss_shape_matmul']:.0f}% of the loss-shape matmul "
+                 f"({r['matmul_gflops_loss_shape']:.0f} GFLOP/s)" if r["impl"] == "mmcl_fast" else "")
         print(f"{r['impl']:>9} {r['dtype']} N={r['n']} D={r['d']}: {r['seconds']:.2f} s, {r['gflops']:.0f} GFLOP/s "
               f"(matmul {r['matmul_gflops']:.0f}), rel err {r['rel_err']:.1e}{extra}")
 

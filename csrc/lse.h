@@ -115,6 +115,8 @@ template <class V>
 struct TileScratch {
     static constexpr int MC = Shape<V>::MC, NC = Shape<V>::NC;
     std::vector<float> x_blk;    // MC x dp
+    const float* x_rows = nullptr;  // the current row block in fp32: x_blk, or the input itself (see load_row_block)
+    int64_t x_stride = 0;           // its row stride
     std::vector<float> y_blk;    // NC x dp
     std::vector<float> y_pack;   // (NC / NR) panels of d x NR
     std::vector<float> tile;     // MC x NC
@@ -204,8 +206,17 @@ struct Kernel {
                 std::fill(out + (r < mc ? p.d : 0), out + d2, uint16_t(0));
             }
         }
-        if (!bf16_dot || need_f32_rows)
-            load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+        if (bf16_dot && !need_f32_rows) return;
+        // fp32 rows that need no padding (D a multiple of NR, a whole number of MR-row micro-panels) are read in
+        // place: at large N the row blocks stream from memory, and a copy would stall every tile on it.
+        if (p.dtype == kF32 && p.d == dp && mc % MR == 0) {
+            s.x_rows = static_cast<const float*>(p.x) + i0 * p.x_rs;
+            s.x_stride = p.x_rs;
+            return;
+        }
+        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+        s.x_rows = s.x_blk.data();
+        s.x_stride = dp;
     }
 
     // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
@@ -223,7 +234,7 @@ struct Kernel {
             }
             const float* panel = s.y_pack.data() + q * p.d * NR;
             for (int64_t i = 0; i < mpad; i += MR)
-                micro_kernel<V>(p.d, s.x_blk.data() + i * dp, dp, 1, panel, NR, s.tile.data() + i * NC + q * NR, NC,
+                micro_kernel<V>(p.d, s.x_rows + i * s.x_stride, s.x_stride, 1, panel, NR, s.tile.data() + i * NC + q * NR, NC,
                                 false);
         }
     }
@@ -428,7 +439,7 @@ struct Kernel {
                 micro_kernel<V>(nc, s.tile.data() + i * NC, NC, 1, s.y_blk.data() + d0, dp,
                                 dx_acc + (i0 + i) * dp + d0, dp, true);
             for (int64_t j = 0; j < npad; j += MR)
-                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_blk.data() + d0, dp,
+                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_rows + d0, s.x_stride,
                                 dy_acc + (j0 + j) * dp + d0, dp, true);
         }
     }

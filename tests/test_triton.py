@@ -396,12 +396,14 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
     feature = "fp32" if dtype == "tf32x3" else dtype
     g_dtype = "fp16" if half else "fp32"
     precision = "tf32" if half else ("tf32x3" if dtype == "tf32x3" else "ieee")
-    tile_shapes = lse._HALF_SHAPES if half else (lse._TF32_SHAPES if dtype == "tf32x3" else lse._FP32_SHAPES)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    forward_shapes = lse._FORWARD_SHAPES[lse.shape_group(torch_dtype, precision, lse._FORWARD_SHAPES)]
+    grad_shapes = lse._GRAD_SHAPES[lse.shape_group(torch_dtype, precision, lse._GRAD_SHAPES)]
     gemm_shapes = matmul._HALF_SHAPES if half else (matmul._TF32_SHAPES if dtype == "tf32x3" else matmul._FP32_SHAPES)
     key = lambda c, a, b: (c.kwargs[a], c.kwargs[b], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
-    tile_configs = [c for c in lse._tile_configs() if key(c, "BLOCK_N", "BLOCK_M") in tile_shapes]
+    tile_configs = {key(c, "BLOCK_N", "BLOCK_M"): c for c in lse._tile_configs()}
     gemm_configs = [c for c in matmul._gemm_configs() if key(c, "BLOCK_R", "BLOCK_C") in gemm_shapes]
-    assert len(tile_configs) == len(tile_shapes) and len(gemm_configs) == len(gemm_shapes)
+    assert set(forward_shapes) | set(grad_shapes) <= set(tile_configs) and len(gemm_configs) == len(gemm_shapes)
     features = dict(_FEATURE_ARGS, x_ptr="*" + feature, y_ptr="*" + feature)
     ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
     forward_types = dict(features, row_max_ptr="*fp32", row_sum_ptr="*fp32", col_max_ptr="*fp32",
@@ -416,13 +418,13 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
                       **ints("ROWS", "COLS", "K", "stride_ar", "stride_ak", "stride_bk", "stride_bc", "stride_or",
                              "R_CLASS", "C_CLASS", "K_CLASS", "A_K_CONTIGUOUS"))
     builds = {}
-    for config in tile_configs:
-        shape = key(config, "BLOCK_N", "BLOCK_M")
+    for shape in forward_shapes:
         builds[f"forward {shape}"] = _compile_for_hopper(lse._lse_partials_kernel, forward_types, dict(
-            NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), config)
+            NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), tile_configs[shape])
+    for shape in grad_shapes:
         builds[f"gradient tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
             HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True, HAS_ROW_TARGET=True,
-            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), config)
+            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), tile_configs[shape])
     for config in gemm_configs:
         shape = key(config, "BLOCK_R", "BLOCK_C")
         for name, layout in (("dX GEMM", dict(stride_ak=1)), ("dY GEMM", dict(stride_ar=1))):

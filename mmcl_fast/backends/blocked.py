@@ -10,8 +10,8 @@ rows x a block of columns (all columns when they fit the tile budget):
               dX_I += (scale_I G) Y_J, dY_J += (scale_I G)^T X_I, dscale, drow_bias, dcol_bias from G
 
 GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 + 3). Memory: O((N + M) * D) for the gradient
-accumulators plus a few tiles of at most `TILE_ELEMENTS` accumulation-dtype elements; never N x M (unless N x M is
-itself under the tile budget). bf16 / fp16 features are converted to fp32 one block at a time (the matmul then
+accumulators plus at most three tiles of `TILE_ELEMENTS` accumulation-dtype elements (S, L and G); never N x M
+(unless N x M is itself under the tile budget). bf16 / fp16 features are converted to fp32 one block at a time (the matmul then
 accumulates in fp32: a 16-bit matmul would round every logit to 8 or 11 bits), never as a whole copy. Everything
 is sync-free (no `.item()`, no data-dependent shapes), so it runs asynchronously on accelerators; the order of
 every reduction is fixed, so results are deterministic wherever torch's matmul is.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of one logits tile (fp32: 16 MiB); a step holds about four tile-sized temporaries.
+# Elements of one logits tile (fp32: 16 MiB); a step holds at most three tile-sized tensors.
 TILE_ELEMENTS = 1 << 22
 # Widest column block: beyond it rows x columns tiles would leave too few rows per matmul.
 MAX_BLOCK_COLS = 16384
@@ -41,16 +41,22 @@ def _tiles(n: int, m: int):
 
 
 def _logits(x_blk, y_blk, scale, row_bias, col_bias):
+    """(S, L) of one tile: two tile-sized tensors, the affine terms added in place."""
     sim = x_blk @ y_blk.T
-    return sim, torch.addcmul(row_bias[:, None] + col_bias[None, :], scale[:, None], sim)
+    logits = sim * scale[:, None]
+    logits += row_bias[:, None]
+    logits += col_bias[None, :]
+    return sim, logits
 
 
-def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int) -> None:
-    """run_sum <- run_sum * e^(run_max - new_max) + sum_dim e^(logits - new_max); run_max <- new_max (in place)."""
+def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int, consume: bool) -> None:
+    """run_sum <- run_sum * e^(run_max - new_max) + sum_dim e^(logits - new_max); run_max <- new_max (in place).
+    consume: overwrite `logits` (its last use) instead of allocating another tile."""
     new_max = torch.maximum(run_max, logits.amax(dim))
     # a state that has seen only -inf so far has nothing to rescale (and -inf - -inf would be NaN)
     rescale = torch.where(run_max == float("-inf"), 0.0, torch.exp(run_max - new_max))
-    shifted = logits - (new_max[:, None] if dim == 1 else new_max[None, :])
+    shift = new_max[:, None] if dim == 1 else new_max[None, :]
+    shifted = logits.sub_(shift) if consume else logits - shift
     run_sum.mul_(rescale).add_(shifted.exp_().sum(dim))
     run_max.copy_(new_max)
 
@@ -66,11 +72,12 @@ def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
     for i0, i1, j0, j1 in _tiles(n, m):
         if y_range != (j0, j1):
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
-        _, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
+        sim, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
+        del sim
         if need_row:
-            _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1)
+            _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1, consume=not need_col)
         if need_col:
-            _online_update(col_max[j0:j1], col_sum[j0:j1], logits, 0)
+            _online_update(col_max[j0:j1], col_sum[j0:j1], logits, 0, consume=True)
     return row_max + row_sum.log(), col_max + col_sum.log()
 
 
@@ -110,11 +117,15 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
         x_blk = x[i0:i1].to(acc)
         sim, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
-        g = torch.zeros_like(logits)
+        # G in at most one more tile: the column term is built in a new tile, the row term in place of the logits
         if use_col:
-            g.addcmul_(torch.exp(logits - col_lse[None, j0:j1]), grad_col[None, j0:j1].to(acc))
-        if use_row:
-            g.addcmul_(logits.sub_(row_lse[i0:i1, None]).exp_(), grad_row[i0:i1, None].to(acc))
+            g = (logits - col_lse[None, j0:j1]).exp_().mul_(grad_col[None, j0:j1].to(acc))
+            if use_row:
+                g.add_(logits.sub_(row_lse[i0:i1, None]).exp_().mul_(grad_row[i0:i1, None].to(acc)))
+        elif use_row:
+            g = logits.sub_(row_lse[i0:i1, None]).exp_().mul_(grad_row[i0:i1, None].to(acc))
+        else:
+            g = logits.zero_()
         del logits
         if row_const is not None:
             g.add_(row_const[i0:i1, None].to(acc))
@@ -124,7 +135,7 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
             _add_targets(g, row_target[i0:i1], extras.row_target_grad[i0:i1], j0, 1)
         if col_target is not None:
             _add_targets(g, col_target[j0:j1], extras.col_target_grad[j0:j1], i0, 0)
-        dscale[i0:i1] += (g * sim).sum(1)
+        dscale[i0:i1] += torch.bmm(g.unsqueeze(1), sim.unsqueeze(2)).reshape(-1)  # row dots, no tile temporary
         del sim
         drow[i0:i1] += g.sum(1)
         dcol[j0:j1] += g.sum(0)

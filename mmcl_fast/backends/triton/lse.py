@@ -64,13 +64,24 @@ _LOG2E = tl.constexpr(LOG2E)  # the same constant, visible inside @triton.jit fu
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages). Checked with ptxas for sm_90 (register use <= 255, no spills):
-# 16-bit features take wgmma tiles (64-row multiples per warp group); fp32 in full precision runs on the FMA
-# units and wants small tiles; TF32 sits in between.
-_HALF_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                (64, 64, 32, 4, 4)]
-_FP32_SHAPES = [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)]
-_TF32_SHAPES = [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)]
+# (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages) per kernel and feature type: "half" (bf16 and fp16), "bf16",
+# "fp16", "fp32" (IEEE) and "tf32" (tf32 / tf32x3). Every one compiles for sm_90 with no register spills
+# (`pytest --runslow -k hopper` checks them all): 16-bit features take wgmma tiles (64-row multiples per warp
+# group); fp32 in full precision runs on the FMA units and wants small tiles; TF32 sits in between. The gradient
+# tile kernel holds more live state than the forward (G, the folded terms, two reductions), and its register
+# allocation differs between bf16 (converted to fp16 for the fp16-staged G) and fp16, so it has its own lists.
+_FORWARD_SHAPES = {
+    "half": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+             (64, 64, 32, 4, 4)],
+    "fp32": [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 2)],
+    "tf32": [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+}
+_GRAD_SHAPES = {
+    "bf16": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
+    "fp16": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 4, 3)],
+    "fp32": [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    "tf32": [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+}
 
 
 def _tile_configs():
@@ -78,22 +89,30 @@ def _tile_configs():
         # Small tiles so that the CPU tests cover several tiles, edges and every split of the grid.
         shapes = [(16, 32, 16, 4, 1)]
     else:
-        shapes = sorted(set(_HALF_SHAPES + _FP32_SHAPES + _TF32_SHAPES))
+        shapes = sorted({shape for table in (_FORWARD_SHAPES, _GRAD_SHAPES) for group in table.values()
+                         for shape in group})
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bm, bk, w, s in shapes]
 
 
-def _prune_tile_configs(configs, named_args, **kwargs):
-    """Keep the shapes meant for this feature type (the autotuner times only those)."""
-    if named_args["x_ptr"].dtype != torch.float32:
-        wanted = _HALF_SHAPES
-    else:
-        wanted = _TF32_SHAPES if kwargs.get("INPUT_PRECISION", "").startswith("tf32") else _FP32_SHAPES
-    keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps,
-                                   c.num_stages) in wanted]
-    if os.environ.get("MMCL_FAST_TRITON_AUTOTUNE", "1") == "0":  # pinned: bit-identical across processes
-        keep = keep[:1]
-    return keep or configs[:1]
+def shape_group(dtype: torch.dtype, input_precision: str, table: dict) -> str:
+    """The key of `table` for features of `dtype` at this tl.dot input precision."""
+    if dtype != torch.float32:
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return name if name in table else "half"
+    return "tf32" if input_precision.startswith("tf32") else "fp32"
+
+
+def _prune_for(table: dict):
+    def prune(configs, named_args, **kwargs):
+        """Keep the shapes meant for this kernel and feature type (the autotuner times only those)."""
+        wanted = table[shape_group(named_args["x_ptr"].dtype, kwargs.get("INPUT_PRECISION", ""), table)]
+        keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps,
+                                       c.num_stages) in wanted]
+        if os.environ.get("MMCL_FAST_TRITON_AUTOTUNE", "1") == "0":  # pinned: bit-identical across processes
+            keep = keep[:1]
+        return keep or configs[:1]
+    return prune
 
 
 # The partial-reduction buffers of the backward are laid out in slots of this many rows/columns, the smallest
@@ -128,7 +147,7 @@ def _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stri
 
 
 @triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_tile_configs})
+                 prune_configs_by={"early_config_prune": _prune_for(_FORWARD_SHAPES)})
 @triton.jit
 def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                          row_max_ptr, row_sum_ptr, col_max_ptr, col_sum_ptr,
@@ -218,7 +237,7 @@ def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
 
 
 @triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_tile_configs})
+                 prune_configs_by={"early_config_prune": _prune_for(_GRAD_SHAPES)})
 @triton.jit
 def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                       row_lse_ptr, col_lse_ptr, grad_row_ptr, grad_col_ptr,
