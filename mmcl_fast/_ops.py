@@ -134,6 +134,10 @@ def _empty_like_vector(x: Tensor, acc: torch.dtype) -> Tensor:
 _STATS_BLOCK_ROWS = 1 << 16  # rows per block of the O(N*D) statistics: bounds their fp32 temporaries
 
 
+def _batched_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+
+
 class _RowDot(torch.autograd.Function):
     """sum_d a[i, d] * b[i, d] in `acc`: a batched dot in the forward, elementwise products in the backward, so that
     no matmul runs in the backward (a backward called inside torch.autocast would run a matmul in bf16)."""
@@ -141,7 +145,7 @@ class _RowDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         ctx.save_for_backward(a, b)
-        return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+        return _batched_dot(a, b, acc)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -156,7 +160,7 @@ def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary (differentiable)."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _RowDot.apply(a, b, acc)
-    return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
+    return _batched_dot(a, b, acc)
 
 
 def _blocked_rowdot(a: Tensor, b: Tensor, b_rows: Tensor | None, acc: torch.dtype) -> Tensor:

@@ -193,7 +193,7 @@ def _peak_growth_kib(n, d, dtype="float32", backend="auto"):
 def test_no_quadratic_memory(backend):
     """N=8192, D=64: one N x N fp32 buffer would be 256 MiB; the inputs are 4 MiB (torch backend: + its tiles)."""
     from mmcl_fast.backends import blocked
-    tiles = 3 * blocked.TILE_ELEMENTS * 4 // 1024 if backend == "torch" else 0  # S, L, G
+    tiles = 3 * blocked.tile_elements(torch.device("cpu")) * 4 // 1024 if backend == "torch" else 0  # S, L, G
     growth, inputs = _peak_growth_kib(8192, 64, backend=backend)
     assert growth < 64 * 1024 + tiles, f"peak RSS grew by {growth / 1024:.1f} MiB (inputs {inputs / 1024:.1f} MiB)"
 
@@ -202,9 +202,9 @@ def test_no_quadratic_memory(backend):
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_memory_acceptance_n32768_d512(backend):
     """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
-    backend: plus its tiles, three of TILE_ELEMENTS fp32 values at most)."""
+    backend: plus its tiles, three of tile_elements fp32 values at most)."""
     from mmcl_fast.backends import blocked
-    tiles = 3 * blocked.TILE_ELEMENTS * 4 // 1024 if backend == "torch" else 0  # S, L, G
+    tiles = 3 * blocked.tile_elements(torch.device("cpu")) * 4 // 1024 if backend == "torch" else 0  # S, L, G
     growth, inputs = _peak_growth_kib(32768, 512, backend=backend)
     print(f"{backend}: peak RSS growth {growth / 1024:.0f} MiB = {growth / inputs:.2f}x the inputs")
     assert growth <= 4 * inputs + tiles, (f"peak RSS grew by {growth / 1024:.0f} MiB, 4x inputs = "
@@ -229,3 +229,34 @@ def test_blocked_linear_statistics(monkeypatch):
     assert_rel_close(loss, ref, 1e-5, "loss")
     assert_rel_close(xs.grad, xr.grad, 1e-5, "d image")
     assert_rel_close(ys.grad, yr.grad, 1e-5, "d text")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_backend_many_tiles_match_reference(monkeypatch, dtype):
+    """Tiny tiles (7 columns x 9 rows) so that rows and columns both span many tiles, with labels whose positives
+    fall in every tile, label smoothing and a bias: the online merges and the per-tile target folding."""
+    from mmcl_fast.backends import blocked
+    monkeypatch.setattr(blocked, "TILE_ELEMENTS", {"cpu": 63})
+    monkeypatch.setattr(blocked, "MAX_BLOCK_COLS", 7)
+    n, m, d = 41, 30, 11
+    x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
+    y = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype)
+    image_labels, text_labels = torch.randint(0, m, (n,)), torch.randint(0, n, (m,))
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, bias = torch.tensor(30.0, dtype=acc, requires_grad=True), torch.tensor(-2.0, dtype=acc, requires_grad=True)
+    loss = mmcl_fast.clip_loss(xs, ys, scale, bias, image_labels=image_labels, text_labels=text_labels,
+                               label_smoothing=0.2, backend="torch")
+    loss.backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    sr, br = torch.tensor(30.0, dtype=torch.float64, requires_grad=True), torch.tensor(-2.0, dtype=torch.float64,
+                                                                                        requires_grad=True)
+    logits = sr * xr @ yr.T + br
+    ref = 0.5 * (F.cross_entropy(logits, image_labels, label_smoothing=0.2)
+                 + F.cross_entropy(logits.T, text_labels, label_smoothing=0.2))
+    ref.backward()
+    assert_rel_close(loss, ref, LOSS_RTOL[dtype], "loss")
+    assert_rel_close(xs.grad, xr.grad, GRAD_RTOL[dtype], "d image")
+    assert_rel_close(ys.grad, yr.grad, GRAD_RTOL[dtype], "d text")
+    assert_rel_close(scale.grad, sr.grad, GRAD_RTOL[dtype], "d scale", floor=1.0)
+    assert_rel_close(bias.grad, br.grad, GRAD_RTOL[dtype], "d bias", floor=1.0)

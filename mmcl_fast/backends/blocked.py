@@ -10,7 +10,7 @@ rows x a block of columns (all columns when they fit the tile budget):
               dX_I += (scale_I G) Y_J, dY_J += (scale_I G)^T X_I, dscale, drow_bias, dcol_bias from G
 
 GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 + 3). Memory: O((N + M) * D) for the gradient
-accumulators plus at most three tiles of `TILE_ELEMENTS` accumulation-dtype elements (S, L and G); never N x M
+accumulators plus at most three tiles of `tile_elements(device)` accumulation-dtype elements (S, L and G); never N x M
 (unless N x M is itself under the tile budget). bf16 / fp16 features are converted to fp32 one block at a time (the matmul then
 accumulates in fp32: a 16-bit matmul would round every logit to 8 or 11 bits), never as a whole copy. Everything
 is sync-free (no `.item()`, no data-dependent shapes), so it runs asynchronously on accelerators; the order of
@@ -21,8 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of one logits tile (fp32: 16 MiB); a step holds at most three tile-sized tensors.
-TILE_ELEMENTS = 1 << 22
+# Elements of one logits tile; a step holds at most three tile-sized tensors. CPU: 4 MiB in fp32 (cache-friendly,
+# and small next to the inputs); accelerators: 64 MiB, so that each matmul fills the device and few launches
+# are needed (2^20 rows x 2^20 columns is 2^16 tiles).
+TILE_ELEMENTS = {"cpu": 1 << 20}
+DEFAULT_TILE_ELEMENTS = 1 << 24
+
+
+def tile_elements(device: torch.device) -> int:
+    return TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS)
 # Widest column block: beyond it rows x columns tiles would leave too few rows per matmul.
 MAX_BLOCK_COLS = 16384
 
@@ -31,10 +38,10 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tiles(n: int, m: int):
+def _tiles(n: int, m: int, device: torch.device):
     """(i0, i1, j0, j1) of every tile, column block outer (each column block is converted once)."""
     cols = min(m, MAX_BLOCK_COLS)
-    rows = max(1, min(n, TILE_ELEMENTS // cols))
+    rows = max(1, min(n, tile_elements(device) // cols))
     for j0 in range(0, m, cols):
         for i0 in range(0, n, rows):
             yield i0, min(i0 + rows, n), j0, min(j0 + cols, m)
@@ -69,7 +76,7 @@ def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
     col_max = torch.full((m if need_col else 0,), float("-inf"), dtype=acc, device=x.device)
     col_sum = torch.zeros_like(col_max)
     y_blk, y_range = None, None
-    for i0, i1, j0, j1 in _tiles(n, m):
+    for i0, i1, j0, j1 in _tiles(n, m, x.device):
         if y_range != (j0, j1):
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
         sim, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
@@ -112,7 +119,7 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
     drow = torch.zeros(n, dtype=acc, device=x.device)
     dcol = torch.zeros(m, dtype=acc, device=x.device)
     y_blk, y_range = None, None
-    for i0, i1, j0, j1 in _tiles(n, m):
+    for i0, i1, j0, j1 in _tiles(n, m, x.device):
         if y_range != (j0, j1):
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
         x_blk = x[i0:i1].to(acc)
