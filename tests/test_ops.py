@@ -237,7 +237,7 @@ def test_torch_backend_many_tiles_match_reference(monkeypatch, dtype):
     fall in every tile, label smoothing and a bias: the online merges and the per-tile target folding."""
     from mmcl_fast.backends import blocked
     monkeypatch.setattr(blocked, "TILE_ELEMENTS", {"cpu": 63})
-    monkeypatch.setattr(blocked, "MAX_BLOCK_COLS", 7)
+    monkeypatch.setattr(blocked, "MAX_BLOCK_COLS", {"cpu": 7})
     n, m, d = 41, 30, 11
     x = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
     y = F.normalize(torch.randn(m, d, dtype=torch.float64), dim=1).to(dtype)
