@@ -9,7 +9,8 @@
 // GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 forward; 3 backward: recompute S, G.Y, G^T.X),
 // against Inf-CL's 10 for the symmetric loss.
 // Memory: O((N + M) * D) for the fp32 gradient accumulators plus per-thread tiles (MC x NC similarity tile,
-// MC x D and NC x D fp32 copies of the current row/column blocks). Nothing N x M is ever allocated.
+// MC x D and NC x D fp32 copies of the current row/column blocks; fp32 row blocks that need no padding are read
+// in place). Nothing N x M is ever allocated. MR, NR, MC, NC are the ISA policy's (see Shape below).
 //
 // Tiling: rows are cut into blocks of MC, columns into blocks of NC. A tile S = X_I Y_J^T (MC x NC, fp32) is made
 // by a register-blocked micro-kernel (MR x NR accumulators) and consumed (online max / sum-exp, gradient
