@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._ops import _batched_dot
+
 # Elements of one logits tile; a step holds at most three tile-sized tensors. CPU: 4 MiB in fp32 (cache-friendly,
 # and small next to the inputs); accelerators: 64 MiB, so that each matmul fills the device and few launches
 # are needed (2^20 rows x 2^20 columns is 2^16 tiles).
@@ -49,13 +51,13 @@ def _tiles(n: int, m: int, device: torch.device):
             yield i0, min(i0 + rows, n), j0, min(j0 + cols, m)
 
 
-def _logits(x_blk, y_blk, scale, row_bias, col_bias):
-    """(S, L) of one tile: two tile-sized tensors, the affine terms added in place."""
+def _logits(x_blk, y_blk, scale, row_bias, col_bias, keep_sim: bool):
+    """(S, L) of one tile, the affine terms added in place; keep_sim=False: L overwrites S (one tile, S is None)."""
     sim = x_blk @ y_blk.T
-    logits = sim * scale[:, None]
+    logits = sim * scale[:, None] if keep_sim else sim.mul_(scale[:, None])
     logits += row_bias[:, None]
     logits += col_bias[None, :]
-    return sim, logits
+    return (sim if keep_sim else None), logits
 
 
 def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int, consume: bool) -> None:
@@ -81,8 +83,7 @@ def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
     for i0, i1, j0, j1 in _tiles(n, m, x.device):
         if y_range != (j0, j1):
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
-        sim, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
-        del sim
+        _, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=False)
         if need_row:
             _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1, consume=not need_col)
         if need_col:
@@ -125,7 +126,7 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
         if y_range != (j0, j1):
             y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
         x_blk = x[i0:i1].to(acc)
-        sim, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1])
+        sim, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=True)
         # G in at most one more tile: the column term is built in a new tile, the row term in place of the logits
         if use_col:
             g = (logits - col_lse[None, j0:j1]).exp_().mul_(grad_col[None, j0:j1].to(acc))
@@ -144,7 +145,7 @@ def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_co
             _add_targets(g, row_target[i0:i1], extras.row_target_grad[i0:i1], j0, 1)
         if col_target is not None:
             _add_targets(g, col_target[j0:j1], extras.col_target_grad[j0:j1], i0, 0)
-        dscale[i0:i1] += torch.bmm(g.unsqueeze(1), sim.unsqueeze(2)).reshape(-1)  # row dots, no tile temporary
+        dscale[i0:i1] += _batched_dot(g, sim, acc)  # row dots, no tile temporary
         del sim
         drow[i0:i1] += g.sum(1)
         dcol[j0:j1] += g.sum(0)
