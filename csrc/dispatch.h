@@ -28,12 +28,22 @@ struct Extras {
     const float* col_target_grad = nullptr;  // (m,)
 };
 
+// Positive pairs of the sigmoid loss in CSR form: row i's positive columns are cols[ptr[i] .. ptr[i + 1]), sorted
+// ascending, each in [0, m). ptr has n + 1 entries, ptr[0] = 0.
+struct Positives {
+    const int64_t* ptr = nullptr;
+    const int64_t* cols = nullptr;
+};
+
 struct KernelTable {
     const char* isa;
     void (*forward)(const Problem&, float* row_lse, float* col_lse, int threads);
     void (*backward)(const Problem&, const float* row_lse, const float* col_lse, const float* grad_row,
                      const float* grad_col, const Extras& extras, void* dx, void* dy, float* dscale, float* drow, float* dcol,
                      int threads);
+    // Sigmoid loss: row sums of softplus(-z L) and, when dx is non-null, fp32 dx / dy and dscale / drow / dcol.
+    void (*sigmoid)(const Problem&, const Positives&, float* row_loss, float* dx, float* dy, float* dscale,
+                    float* drow, float* dcol, int threads);
 };
 
 // One table per translation unit; which ones exist depends on the target architecture (CMakeLists.txt), and

@@ -1,9 +1,11 @@
-// The fused LSE kernels built for the baseline ISA: the portable fallback, also run by the tests.
+// The fused kernels (lse.h, sigmoid.h) built for the baseline ISA: the portable fallback, also run by the tests.
 #define MMCL_ISA scalar
 #include "simd_scalar.h"
 #include "lse.h"
+#include "sigmoid.h"
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable scalar_table = {scalar::VecScalar::name, &scalar::lse_forward<scalar::VecScalar>, &scalar::lse_backward<scalar::VecScalar>};
+const KernelTable scalar_table = {scalar::VecScalar::name, &scalar::lse_forward<scalar::VecScalar>, &scalar::lse_backward<scalar::VecScalar>,
+        &scalar::sigmoid_loss<scalar::VecScalar>};
 }

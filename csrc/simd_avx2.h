@@ -28,6 +28,11 @@ struct VecAvx2 {
     static inline type add(type a, type b) { return _mm256_add_ps(a, b); }
     static inline type sub(type a, type b) { return _mm256_sub_ps(a, b); }
     static inline type mul(type a, type b) { return _mm256_mul_ps(a, b); }
+    static inline type div(type a, type b) { return _mm256_div_ps(a, b); }
+    // u >= 0 ? a : b, lane by lane
+    static inline type select_nonneg(type u, type a, type b) {
+        return _mm256_blendv_ps(b, a, _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_GE_OQ));
+    }
     // max(a, b) returns b when either is NaN: callers put the value that may be NaN second.
     static inline type max(type a, type b) { return _mm256_max_ps(a, b); }
     static inline type add_at_lane(type v, int lane, float value) {

@@ -54,6 +54,11 @@ struct VecAvx512 {
     static inline type add(type a, type b) { return _mm512_add_ps(a, b); }
     static inline type sub(type a, type b) { return _mm512_sub_ps(a, b); }
     static inline type mul(type a, type b) { return _mm512_mul_ps(a, b); }
+    static inline type div(type a, type b) { return _mm512_div_ps(a, b); }
+    // u >= 0 ? a : b, lane by lane
+    static inline type select_nonneg(type u, type a, type b) {
+        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+    }
     // max(a, b) returns b when either is NaN: callers put the value that may be NaN second.
     static inline type max(type a, type b) { return _mm512_max_ps(a, b); }
     static inline type add_at_lane(type v, int lane, float value) {

@@ -25,6 +25,9 @@ struct VecNeon {
     static inline type add(type a, type b) { return vaddq_f32(a, b); }
     static inline type sub(type a, type b) { return vsubq_f32(a, b); }
     static inline type mul(type a, type b) { return vmulq_f32(a, b); }
+    static inline type div(type a, type b) { return vdivq_f32(a, b); }
+    // u >= 0 ? a : b, lane by lane
+    static inline type select_nonneg(type u, type a, type b) { return vbslq_f32(vcgeq_f32(u, vdupq_n_f32(0.0f)), a, b); }
     // FMAX propagates a NaN from either operand (the other policies' contract is weaker: NaN from b).
     static inline type max(type a, type b) { return vmaxq_f32(a, b); }
     static inline type add_at_lane(type v, int lane, float value) {

@@ -31,6 +31,11 @@ struct VecScalar {
     static inline type add(const type& a, const type& b) { type r; for (int i = 0; i < lanes; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
     static inline type sub(const type& a, const type& b) { type r; for (int i = 0; i < lanes; ++i) r.v[i] = a.v[i] - b.v[i]; return r; }
     static inline type mul(const type& a, const type& b) { type r; for (int i = 0; i < lanes; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
+    static inline type div(const type& a, const type& b) { type r; for (int i = 0; i < lanes; ++i) r.v[i] = a.v[i] / b.v[i]; return r; }
+    // u >= 0 ? a : b, lane by lane
+    static inline type select_nonneg(const type& u, const type& a, const type& b) {
+        type r; for (int i = 0; i < lanes; ++i) r.v[i] = u.v[i] >= 0.0f ? a.v[i] : b.v[i]; return r;
+    }
     // Same NaN rule as the x86 policies: the second operand wins when either is NaN.
     static inline type max(const type& a, const type& b) {
         type r; for (int i = 0; i < lanes; ++i) r.v[i] = (a.v[i] > b.v[i]) ? a.v[i] : b.v[i]; return r;

@@ -25,6 +25,8 @@ import os
 import torch
 from torch import Tensor
 
+from ._problem import Affine
+
 BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -217,7 +219,8 @@ def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     An output that was not asked for (need_* False, empty target) comes back as an empty tensor.
     """
     with torch.no_grad(), _no_autocast(x.device):
-        row_lse, col_lse = _backend_module(backend).lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
+        row_lse, col_lse = _backend_module(backend).lse_fwd(Affine(x, y, scale, row_bias, col_bias), need_row,
+                                                             need_col)
         stats = _linear_stats(x, y, scale, row_bias, col_bias, row_target, col_target, need_sums)
     return (row_lse, col_lse) + stats
 
@@ -240,8 +243,8 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     """(dx, dy, dscale, drow_bias, dcol_bias) for the given output gradients (empty = zero)."""
     extras = Extras(grad_row_sum, grad_col_sum, row_target, grad_row_pos, col_target, grad_col_pos)
     with _no_autocast(x.device):
-        return _backend_module(backend).lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row,
-                                                grad_col, extras)
+        return _backend_module(backend).lse_bwd(Affine(x, y, scale, row_bias, col_bias), row_lse, col_lse,
+                                                grad_row, grad_col, extras)
 
 
 @lse_bwd.register_fake

@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmcl_fast._problem import Affine
+
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402 (tests/ on sys.path first)
 from test_clip import reference_clip  # noqa: E402  (the float64 reference shared with the CPU tests)
@@ -337,7 +339,7 @@ def test_bad_input_is_named(mutate, error, match):
     pytest.importorskip("triton")
     from mmcl_fast.backends import triton as triton_backend
     with pytest.raises(error, match=match):
-        triton_backend.lse_fwd(*mutate(_problem()), True, True)
+        triton_backend.lse_fwd(Affine(*mutate(_problem())), True, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._problem import Affine
+
 from .._ops import _batched_dot
 
 # Elements of one logits tile; a step holds at most three tile-sized tensors. CPU: 4 MiB in fp32 (cache-friendly,
@@ -72,7 +74,8 @@ def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int, c
     run_max.copy_(new_max)
 
 
-def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
+def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
+    x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
     n, m = x.shape[0], y.shape[0]
     row_max = torch.full((n if need_row else 0,), float("-inf"), dtype=acc, device=x.device)
@@ -104,7 +107,8 @@ def _add_targets(g: Tensor, target: Tensor, target_grad: Tensor, start: int, dim
         g.scatter_add_(0, index[None, :], value[None, :])
 
 
-def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+    x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
     n, m = x.shape[0], y.shape[0]
     use_row = row_lse.numel() > 0 and grad_row.numel() > 0

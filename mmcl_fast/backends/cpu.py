@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+from .._problem import Affine, Gradients, Positives
 
 try:
     from .. import _C
@@ -67,51 +67,92 @@ def _module():
     return _C
 
 
-def _problem_args(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor):
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"the CPU kernel supports float32/bfloat16/float16, got {x.dtype}")
-    for t, name in ((scale, "scale"), (row_bias, "row_bias"), (col_bias, "col_bias")):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 vector, got {t.dtype}")
-    return (x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), _DTYPE_CODES[x.dtype], x.shape[0], y.shape[0],
-            x.shape[1], scale.data_ptr(), row_bias.data_ptr(), col_bias.data_ptr())
+_FEATURE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_VECTOR_CODES = {torch.float32: 0, torch.int64: 3}
 
 
-def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
+def _matrix(t: Tensor, name: str):
+    if t.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs CPU tensors, got {name} on {t.device}")
+    if t.dim() != 2 or t.dtype not in _FEATURE_CODES:
+        raise TypeError(f"{name} must be a 2-D float32/bfloat16/float16 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        raise ValueError(f"{name} must have unit stride along features, got strides {t.stride()}")
+    return _module().Matrix(t.data_ptr(), t.shape[0], t.shape[1], t.stride(0), _FEATURE_CODES[t.dtype])
+
+
+def _vector(t: Tensor, name: str):
+    if t.device.type != "cpu":
+        raise ValueError(f"the cpu backend needs CPU tensors, got {name} on {t.device}")
+    if t.dim() != 1 or t.dtype not in _VECTOR_CODES or not t.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous 1-D float32 or int64 tensor, got {t.dtype} of shape "
+                        f"{tuple(t.shape)}")
+    return _module().Vector(t.data_ptr(), t.shape[0], _VECTOR_CODES[t.dtype])
+
+
+def _optional_vector(t, name: str):
+    """A vector view, or None for an absent one (None or empty)."""
+    return None if t is None or t.numel() == 0 else _vector(t, name)
+
+
+def _affine(problem: Affine):
+    x, y, scale, row_bias, col_bias = problem
+    return _module().AffineProblem(_matrix(x, "x"), _matrix(y, "y"), _vector(scale, "scale"),
+                                   _vector(row_bias, "row_bias"), _vector(col_bias, "col_bias"))
+
+
+def _gradients(grads: Gradients):
+    return _module().Gradients(_matrix(grads.dx, "dx"), _matrix(grads.dy, "dy"), _vector(grads.dscale, "dscale"),
+                               _vector(grads.drow_bias, "drow_bias"), _vector(grads.dcol_bias, "dcol_bias"))
+
+
+def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
+    x, y = problem.x, problem.y
     row_lse = torch.empty(x.shape[0] if need_row else 0, dtype=torch.float32)
     col_lse = torch.empty(y.shape[0] if need_col else 0, dtype=torch.float32)
-    _module().lse_forward(*_problem_args(x, y, scale, row_bias, col_bias),
-                          row_lse.data_ptr() if need_row else 0, col_lse.data_ptr() if need_col else 0,
-                          torch.get_num_threads())
+    _module().lse_forward(_affine(problem), _optional_vector(row_lse, "row_lse"),
+                          _optional_vector(col_lse, "col_lse"), torch.get_num_threads())
     return row_lse, col_lse
 
 
-def _ptr(t) -> int:
-    """Data pointer of an optional vector (0 = absent: None or empty)."""
-    return 0 if t is None or t.numel() == 0 else t.data_ptr()
-
-
-def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+    x, y = problem.x, problem.y
     need_row = row_lse.numel() > 0 and grad_row.numel() > 0
     need_col = col_lse.numel() > 0 and grad_col.numel() > 0
     grad_row = grad_row.to(torch.float32).contiguous()
     grad_col = grad_col.to(torch.float32).contiguous()
-    folded = [None] * 6
+    folded = {}
     if extras is not None:
-        folded = [extras.row_const, extras.col_const, extras.row_target, extras.row_target_grad,
-                  extras.col_target, extras.col_target_grad]
-        if folded[2] is not None and folded[3] is not None and (folded[2].numel() == 0 or folded[3].numel() == 0):
-            folded[2] = folded[3] = None  # a target without a gradient (or vice versa) contributes nothing
-        if folded[4] is not None and folded[5] is not None and (folded[4].numel() == 0 or folded[5].numel() == 0):
-            folded[4] = folded[5] = None
-    dx = torch.empty(x.shape, dtype=x.dtype)
-    dy = torch.empty(y.shape, dtype=y.dtype)
-    dscale = torch.empty_like(scale)
-    drow = torch.empty_like(row_bias)
-    dcol = torch.empty_like(col_bias)
-    _module().lse_backward(*_problem_args(x, y, scale, row_bias, col_bias),
-                           row_lse.data_ptr() if need_row else 0, col_lse.data_ptr() if need_col else 0,
-                           grad_row.data_ptr() if need_row else 0, grad_col.data_ptr() if need_col else 0,
-                           *(_ptr(t) for t in folded), dx.data_ptr(), dy.data_ptr(), dscale.data_ptr(), drow.data_ptr(), dcol.data_ptr(),
+        present = lambda t: t is not None and t.numel() > 0  # noqa: E731
+        folded = {"row_const": extras.row_const, "col_const": extras.col_const}
+        # a target without its gradient (or vice versa) contributes nothing
+        if present(extras.row_target) and present(extras.row_target_grad):
+            folded.update(row_target=extras.row_target, row_target_grad=extras.row_target_grad)
+        if present(extras.col_target) and present(extras.col_target_grad):
+            folded.update(col_target=extras.col_target, col_target_grad=extras.col_target_grad)
+    grads = Gradients(torch.empty(x.shape, dtype=x.dtype), torch.empty(y.shape, dtype=y.dtype),
+                      torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
+                      torch.empty_like(problem.col_bias))
+    _module().lse_backward(
+        _affine(problem), _vector(row_lse, "row_lse") if need_row else None,
+        _vector(col_lse, "col_lse") if need_col else None, _vector(grad_row, "grad_row") if need_row else None,
+        _vector(grad_col, "grad_col") if need_col else None,
+        _module().LseExtras(**{name: _optional_vector(t, name) for name, t in folded.items()}),
+        _gradients(grads), torch.get_num_threads())
+    return tuple(grads)
+
+
+def sigmoid_loss(problem: Affine, positives: Positives, need_grad: bool):
+    """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total."""
+    x, y = problem.x, problem.y
+    row_loss = torch.empty(x.shape[0], dtype=torch.float32)
+    grads = None
+    if need_grad:
+        grads = Gradients(torch.empty(x.shape, dtype=torch.float32), torch.empty(y.shape, dtype=torch.float32),
+                          torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
+                          torch.empty_like(problem.col_bias))
+    _module().sigmoid_loss(_affine(problem), _module().Positives(_vector(positives.ptr, "positives.ptr"),
+                                                                 _vector(positives.cols, "positives.cols")),
+                           _vector(row_loss, "row_loss"), None if grads is None else _gradients(grads),
                            torch.get_num_threads())
-    return dx, dy, dscale, drow, dcol
+    return row_loss, grads

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._problem import Affine
+
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -19,7 +21,8 @@ def _logits(x, y, scale, row_bias, col_bias):
     return sim, scale.to(acc)[:, None] * sim + row_bias.to(acc)[:, None] + col_bias.to(acc)[None, :]
 
 
-def lse_fwd(x, y, scale, row_bias, col_bias, need_row: bool, need_col: bool):
+def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
+    x, y, scale, row_bias, col_bias = problem
     _, logits = _logits(x, y, scale, row_bias, col_bias)
     empty = logits.new_empty((0,))
     row_lse = torch.logsumexp(logits, dim=1) if need_row else empty
@@ -49,7 +52,8 @@ def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras=None):
     return g
 
 
-def lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+    x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
     g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras)

@@ -57,6 +57,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..._problem import Affine
+
 from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
 LOG2E = 1.4426950408889634
@@ -409,9 +411,9 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def lse_fwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
-            need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
+def lse_fwd(problem: Affine, need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
     """(row_lse (N,), col_lse (M,)) in fp32; an unneeded side comes back empty. One GEMM-equivalent."""
+    x, y, scale, row_bias, col_bias = problem
     _check_problem(x, y, scale, row_bias, col_bias)
     with _on_device(x):
         return _lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
@@ -517,8 +519,7 @@ def _optional(t, name: str, length: int, device, dtype=torch.float32):
     return t.contiguous(), True
 
 
-def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Tensor,
-            row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None):
+def lse_bwd(problem: Affine, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None):
     """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
 
     `extras` (optional, see `_ops.Extras`): row_const, col_const, row_target + row_target_grad,
@@ -527,6 +528,7 @@ def lse_bwd(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bias: Ten
     Three GEMM-equivalents: the recompute of each tile of X Y^T (with da, dr, dc reduced from it), then
     dX += G Y and dY += G^T X over each staged chunk of G.
     """
+    x, y, scale, row_bias, col_bias = problem
     _check_problem(x, y, scale, row_bias, col_bias)
     with _on_device(x):
         return _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras)

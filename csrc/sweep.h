@@ -1,0 +1,299 @@
+// The tile sweep shared by every fused CPU kernel (SPEC §1): similarity tiles S = X_I Y_J^T produced by a
+// register-blocked micro-kernel, handed to an epilogue while they sit in L2, and the two gradient GEMMs
+// dX_I += G' Y_J, dY_J += G'^T X_I over a tile of gradient weights G' that the epilogue wrote in place of S.
+//
+// An epilogue is a callable `consume(scratch, i0, mc, j0, nc)` that turns one tile of similarities into its own
+// reductions (online max / sum-exp for the LSE, softplus sums for the sigmoid loss) and, when gradients are wanted,
+// into scaled gradient weights; `gradient_gemms` then feeds dX and dY from them. lse.h (forward + recompute
+// backward) and sigmoid.h (fused forward + backward) are the two epilogues; a new elementwise-or-LSE loss is a
+// third.
+//
+// Tiling: rows are cut into blocks of MC, columns into blocks of NC (the ISA policy's Shape). bf16 / fp16 inputs are
+// converted to fp32 one block at a time; all arithmetic and every accumulation is fp32. Memory per thread: an
+// MC x NC tile, MC x D and NC x D fp32 blocks (fp32 row blocks that need no padding are read in place); nothing
+// N x M.
+//
+// Threads and determinism: rows and columns are each split into T groups. In step s (of T), thread t works on
+// row group t x column group (t + s) mod T, so every row state and every column state has exactly one writer per
+// step, no atomics and no per-thread copies of dY are needed, and the accumulation order is fixed for a given T:
+// results are bit-identical run to run.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "dispatch.h"
+#include "half.h"
+
+// Each ISA build compiles this header into its own namespace (MMCL_ISA), so that no inline function compiled
+// with AVX-512 flags can be merged by the linker into the portable build.
+#ifndef MMCL_ISA
+#error "define MMCL_ISA (the ISA namespace) before including sweep.h"
+#endif
+
+namespace mmcl {
+namespace MMCL_ISA {
+
+// The register tile and the cache blocks belong to the ISA policy V (its register file decides them):
+//   V::lanes  fp32 lanes per vector;  V::MR x V::NRV  micro-kernel accumulators (rows x vectors);
+//   V::MC x V::NC  the similarity tile of one block step (MC a multiple of MR; NC a multiple of NR and of MR,
+//   since NC is also the row dimension of the dY GEMM).
+template <class V>
+struct Shape {
+    static constexpr int L = V::lanes;
+    static constexpr int MR = V::MR;
+    static constexpr int NRV = V::NRV;
+    static constexpr int NR = L * NRV;
+    static constexpr int MC = V::MC;
+    static constexpr int NC = V::NC;
+    static_assert(MC % MR == 0, "MC must be a multiple of MR");
+    static_assert(NC % NR == 0 && NC % MR == 0 && NC % L == 0, "NC must be a multiple of NR, MR and the lanes");
+};
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+
+// Copy rows [r0, r0 + rows) of a (·, d) matrix of `dtype` into a zero-padded fp32 buffer (rows_pad x dp).
+template <class V>
+inline void load_rows_f32(const void* src, int64_t rs, int dtype, int64_t r0, int64_t rows, int64_t rows_pad,
+                          int64_t d, int64_t dp, float* dst) {
+    constexpr int L = V::lanes;
+    for (int64_t r = 0; r < rows; ++r) {
+        float* out = dst + r * dp;
+        const int64_t row = r0 + r;
+        if (dtype == kF32) {
+            std::memcpy(out, static_cast<const float*>(src) + row * rs, sizeof(float) * d);
+        } else {
+            const uint16_t* in = static_cast<const uint16_t*>(src) + row * rs;
+            int64_t k = 0;
+            for (; k + L <= d; k += L) {
+                if (dtype == kBF16) V::bf16_to_f32(in + k, out + k); else V::f16_to_f32(in + k, out + k);
+            }
+            for (; k < d; ++k) out[k] = dtype == kBF16 ? bf16_bits_to_float(in[k]) : f16_bits_to_float(in[k]);
+        }
+        std::fill(out + d, out + dp, 0.0f);
+    }
+    for (int64_t r = rows; r < rows_pad; ++r) std::fill(dst + r * dp, dst + (r + 1) * dp, 0.0f);
+}
+
+// C[r, 0:NR] (+)= sum_k A(r, k) * B[k, 0:NR] for r < MR, with A(r, k) = a[r * a_rs + k * a_ks] and B rows
+// NR-contiguous at stride b_ks. The accumulators stay in registers for the whole k loop.
+template <class V>
+inline void micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
+                         float* c, int64_t c_rs, bool accumulate) {
+    using T = typename V::type;
+    constexpr int L = V::lanes, MR = V::MR, NRV = V::NRV;
+    T acc[MR][NRV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) acc[r][v] = accumulate ? V::load(c + r * c_rs + L * v) : V::zero();
+    for (int64_t k = 0; k < kc; ++k) {
+        T bv[NRV];
+        for (int v = 0; v < NRV; ++v) bv[v] = V::load(b + k * b_ks + L * v);
+        const float* ak = a + k * a_ks;
+        for (int r = 0; r < MR; ++r) {
+            const T av = V::set1(ak[r * a_rs]);
+            for (int v = 0; v < NRV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NRV; ++v) V::store(c + r * c_rs + L * v, acc[r][v]);
+}
+
+// Per-thread scratch: the current row block and column block in fp32, the column block transposed into
+// NR-wide panels for the similarity GEMM, and the similarity / gradient-weight tile.
+template <class V>
+struct TileScratch {
+    static constexpr int MC = Shape<V>::MC, NC = Shape<V>::NC;
+    std::vector<float> x_blk;    // MC x dp
+    const float* x_rows = nullptr;  // the current row block in fp32: x_blk, or the input itself (see load_row_block)
+    int64_t x_stride = 0;           // its row stride
+    std::vector<float> y_blk;    // NC x dp
+    std::vector<float> y_pack;   // (NC / NR) panels of d x NR
+    std::vector<float> tile;     // MC x NC
+    std::vector<float> col_bias; // NC (padding: -inf, so padded columns never count)
+    std::vector<float> col_aux;  // NC (per-column scratch: tile max, gradient weights)
+    std::vector<float> col_aux2; // NC
+    std::vector<float> col_aux3; // NC
+    // bf16 dot-product path: the raw bf16 row block (MC x d2) and the column block packed as (NC / NR) panels of
+    // (d2 / 2) x NR x 2 bf16 pairs, d2 = d rounded up to even (zero-padded).
+    std::vector<uint16_t> x_bf;
+    std::vector<uint16_t> y_pack_bf;
+    TileScratch(int64_t d, int64_t dp, bool bf16_dot)
+        : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
+          col_aux(NC), col_aux2(NC), col_aux3(NC), x_bf(bf16_dot ? MC * round_up(d, 2) : 0),
+          y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {}
+};
+
+template <class V>
+struct TileSweep {
+    using T = typename V::type;
+    static constexpr int L = Shape<V>::L, MR = Shape<V>::MR, NRV = Shape<V>::NRV, NR = Shape<V>::NR;
+    static constexpr int MC = Shape<V>::MC, NC = Shape<V>::NC;
+    using Scratch = TileScratch<V>;
+
+    const Problem p;
+    int64_t dp;                          // d padded to NR
+    int64_t d2;                          // d padded to even (bf16 pairs)
+    bool bf16_dot;                       // bf16 inputs on a CPU with AVX512-BF16: similarity GEMM on bf16 pairs
+    int threads;
+    std::vector<int64_t> row_groups;     // block-aligned boundaries, size threads + 1
+    std::vector<int64_t> col_groups;
+
+    TileSweep(const Problem& prob, int nthreads)
+        : p(prob), dp(round_up(prob.d, NR)), d2(round_up(prob.d, 2)), bf16_dot(V::has_bf16_dot && prob.dtype == kBF16) {
+        const int64_t row_blocks = (p.n + MC - 1) / MC, col_blocks = (p.m + NC - 1) / NC;
+        threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max(row_blocks, col_blocks))));
+        row_groups = split(row_blocks, MC, p.n);
+        col_groups = split(col_blocks, NC, p.m);
+    }
+
+    std::vector<int64_t> split(int64_t blocks, int64_t block, int64_t total) const {
+        std::vector<int64_t> bounds(threads + 1);
+        for (int t = 0; t <= threads; ++t) bounds[t] = std::min(total, (blocks * t / threads) * block);
+        bounds[threads] = total;
+        return bounds;
+    }
+
+    // Load column block [j0, j0 + nc) and its column biases (-inf past the end). The similarity GEMM reads it as
+    // NR-wide transposed panels (fp32, or bf16 pairs on the bf16 path); the gradient GEMMs read fp32 rows
+    // (`need_f32_rows`).
+    void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_f32_rows) const {
+        const int64_t panels = round_up(nc, NR) / NR;
+        if (bf16_dot) {
+            const uint16_t* y = static_cast<const uint16_t*>(p.y);
+            for (int64_t q = 0; q < panels; ++q) {
+                uint16_t* panel = s.y_pack_bf.data() + q * d2 * NR;
+                for (int64_t c = 0; c < NR; ++c) {
+                    const int64_t col = q * NR + c;
+                    const uint16_t* row = y + (j0 + col) * p.y_rs;
+                    for (int64_t k = 0; k < d2; ++k)
+                        panel[(k >> 1) * 2 * NR + 2 * c + (k & 1)] = (col < nc && k < p.d) ? row[k] : 0;
+                }
+            }
+        }
+        if (!bf16_dot || need_f32_rows) load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0, nc, NC, p.d, dp, s.y_blk.data());
+        if (!bf16_dot) {
+            for (int64_t q = 0; q < panels; ++q) {
+                float* panel = s.y_pack.data() + q * p.d * NR;
+                for (int64_t c = 0; c < NR; ++c) {
+                    const float* row = s.y_blk.data() + (q * NR + c) * dp;
+                    for (int64_t k = 0; k < p.d; ++k) panel[k * NR + c] = row[k];
+                }
+            }
+        }
+        for (int64_t c = 0; c < NC; ++c)
+            s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
+    }
+
+    // Load row block [i0, i0 + mc): fp32 rows for the fp32 similarity GEMM and the gradient GEMMs, raw bf16 rows
+    // for the bf16 similarity GEMM.
+    void load_row_block(Scratch& s, int64_t i0, int64_t mc, bool need_f32_rows) const {
+        if (bf16_dot) {
+            const uint16_t* x = static_cast<const uint16_t*>(p.x);
+            for (int64_t r = 0; r < round_up(mc, MR); ++r) {
+                uint16_t* out = s.x_bf.data() + r * d2;
+                if (r < mc) std::memcpy(out, x + (i0 + r) * p.x_rs, sizeof(uint16_t) * p.d);
+                std::fill(out + (r < mc ? p.d : 0), out + d2, uint16_t(0));
+            }
+        }
+        if (bf16_dot && !need_f32_rows) return;
+        // fp32 rows that need no padding (D a multiple of NR, a whole number of MR-row micro-panels) are read in
+        // place: at large N the row blocks stream from memory, and a copy would stall every tile on it.
+        if (p.dtype == kF32 && p.d == dp && mc % MR == 0) {
+            s.x_rows = static_cast<const float*>(p.x) + i0 * p.x_rs;
+            s.x_stride = p.x_rs;
+            return;
+        }
+        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+        s.x_rows = s.x_blk.data();
+        s.x_stride = dp;
+    }
+
+    // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
+    void similarity_tile(Scratch& s, int64_t mc, int64_t nc) const {
+        const int64_t mpad = round_up(mc, MR), npad = round_up(nc, NR);
+        for (int64_t q = 0; q < npad / NR; ++q) {
+            if constexpr (V::has_bf16_dot) {
+                if (bf16_dot) {
+                    const uint16_t* panel = s.y_pack_bf.data() + q * d2 * NR;
+                    for (int64_t i = 0; i < mpad; i += MR)
+                        V::template bf16_dot_kernel<MR, NRV>(d2 / 2, s.x_bf.data() + i * d2, d2, panel,
+                                                             s.tile.data() + i * NC + q * NR, NC);
+                    continue;
+                }
+            }
+            const float* panel = s.y_pack.data() + q * p.d * NR;
+            for (int64_t i = 0; i < mpad; i += MR)
+                micro_kernel<V>(p.d, s.x_rows + i * s.x_stride, s.x_stride, 1, panel, NR, s.tile.data() + i * NC + q * NR, NC,
+                                false);
+        }
+    }
+
+    // The ring schedule over all tiles: in step s thread t visits row group t x column group (t + s) mod T, column
+    // block outer (loaded once), row block inner; `consume(scratch, i0, mc, j0, nc)` gets each similarity tile.
+    template <class Consume>
+    void sweep(bool need_f32_rows, Consume&& consume) const {
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num();
+#else
+            const int t = 0;
+#endif
+            Scratch s(p.d, dp, bf16_dot);
+            for (int step = 0; step < threads; ++step) {
+                const int cg = (t + step) % threads;
+                for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
+                    const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
+                    load_col_block(s, j0, nc, need_f32_rows);
+                    for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
+                        const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
+                        load_row_block(s, i0, mc, need_f32_rows);
+                        similarity_tile(s, mc, nc);
+                        consume(s, i0, mc, j0, nc);
+                    }
+                }
+#pragma omp barrier
+            }
+        }
+    }
+
+    // dX_I += G' Y_J (k over the tile's columns) and dY_J += G'^T X_I (k over the tile's rows).
+    void gradient_gemms(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, float* dx_acc,
+                        float* dy_acc) const {
+        const int64_t mpad = round_up(mc, MR), npad = round_up(nc, MR);
+        if (mc < mpad)  // padded tile rows must not feed dY
+            std::fill(s.tile.data() + mc * NC, s.tile.data() + mpad * NC, 0.0f);
+        for (int64_t d0 = 0; d0 < dp; d0 += NR) {
+            for (int64_t i = 0; i < mpad; i += MR)
+                micro_kernel<V>(nc, s.tile.data() + i * NC, NC, 1, s.y_blk.data() + d0, dp,
+                                dx_acc + (i0 + i) * dp + d0, dp, true);
+            for (int64_t j = 0; j < npad; j += MR)
+                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_rows + d0, s.x_stride,
+                                dy_acc + (j0 + j) * dp + d0, dp, true);
+        }
+    }
+};
+
+// Round the fp32 accumulators (rows x dp) into the caller's (rows x d) output of `dtype`.
+inline void store_rows(const float* acc, int64_t rows, int64_t d, int64_t dp, int dtype, void* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* in = acc + r * dp;
+        if (dtype == kF32) {
+            std::memcpy(static_cast<float*>(out) + r * d, in, sizeof(float) * d);
+        } else {
+            uint16_t* o = static_cast<uint16_t*>(out) + r * d;
+            for (int64_t k = 0; k < d; ++k) o[k] = dtype == kBF16 ? float_to_bf16_bits(in[k]) : float_to_f16_bits(in[k]);
+        }
+    }
+}
+
+}  // namespace MMCL_ISA
+}  // namespace mmcl
