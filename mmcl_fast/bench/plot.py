@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLORS = {"mmcl_fast": "tab:blue", "open_clip": "tab:orange", "naive": "tab:green", "inf_cl": "tab:red"}
-MARKERS = {"mmcl_fast": "o", "open_clip": "s", "naive": "^", "inf_cl": "D"}
+COLORS = {"mmcl_fast": "tab:blue", "open_clip": "tab:orange", "naive": "tab:green", "dense": "tab:green",
+          "inf_cl": "tab:red", "open_clip_chunked": "tab:purple"}
+MARKERS = {"mmcl_fast": "o", "open_clip": "s", "naive": "^", "dense": "^", "inf_cl": "D", "open_clip_chunked": "v"}
 
 
 def _panels(records: list[dict]) -> dict[tuple, list[dict]]:

@@ -41,6 +41,11 @@ def machine_line(machine: dict) -> str:
     return ", ".join(parts)
 
 
+def _ranks(results: dict) -> str:
+    world = results.get("config", {}).get("world_size", 1)
+    return f", {world} ranks (per-rank peak)" if world > 1 else ""
+
+
 def tables(results: dict) -> list[Table]:
     machine, records = results["machine"], results["records"]
     ceiling = machine.get("matmul_gflops", {})
@@ -51,7 +56,7 @@ def tables(results: dict) -> list[Table]:
     out = []
     for (loss, d, dtype), recs in groups.items():
         rate = ceiling.get(dtype)
-        title = (f"{loss} fwd+bwd, D={d}, {dtype}, {machine.get('device')}"
+        title = (f"{loss} fwd+bwd, D={d}, {dtype}, {machine.get('device')}{_ranks(results)}"
                  + (f" (torch matmul {rate:,.0f} GFLOP/s)" if rate else "")
                  + f" · speedup, mem. saving = {anchors[loss]} ÷ impl")
         table = Table(title=title, title_justify="left")
@@ -91,8 +96,8 @@ def markdown_summary(results: dict) -> str:
         impls = list(dict.fromkeys(r["impl"] for r in recs))
         cell = {(r["impl"], r["n"]): r for r in recs}
         rate = machine.get("matmul_gflops", {}).get(dtype)
-        lines.append(f"**{loss}, D={d}, {dtype}, {machine.get('device')}** (forward+backward, median seconds / "
-                     f"peak MiB{f'; torch matmul {rate:,.0f} GFLOP/s' if rate else ''})")
+        lines.append(f"**{loss}, D={d}, {dtype}, {machine.get('device')}{_ranks(results)}** (forward+backward, "
+                     f"median seconds / peak MiB{f'; torch matmul {rate:,.0f} GFLOP/s' if rate else ''})")
         lines.append("")
         header = ["N"] + impls + [f"mmcl_fast speedup vs {anchor}", "memory saving"]
         lines.append("| " + " | ".join(header) + " |")

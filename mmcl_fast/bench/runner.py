@@ -4,6 +4,9 @@ A record is one (loss, impl, N, D, dtype, device). Per (loss, D, dtype) the size
 dense baseline is seen to grow until its estimated peak crosses the memory budget (then ``skipped``, never run
 into swap) or it fails to allocate (``oom``, and larger N are skipped). Every impl of a problem gets the very
 same inputs (saved once to a temporary file) and is checked against one float64 reference of the loss.
+
+With ``world_size`` W > 1 a record is one process group of W ranks (gloo on CPU, NCCL on one GPU per rank):
+N is the global batch, each rank holds N / W rows, and the impls are the loss's distributed forms.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 from .impls import DTYPES, get_loss
 from .machine import describe
-from .measure import measure, measure_isolated
+from .measure import measure, measure_distributed, measure_isolated
 
 MIB = 2**20
 GIB = 2**30
@@ -66,6 +69,8 @@ class BenchConfig:
     threads: int | None = None
     plots: bool = True
     time_budget_s: float | None = None  # None: DEFAULT_TIME_BUDGET of the device; 0: no limit
+    world_size: int = 1  # > 1: each record is a process group of this many ranks
+    dist_impl: str | None = None  # SigLipLoss's dist_impl (bidir, shift, reduce, gather); None: each impl's default
 
     def resolved(self) -> BenchConfig:
         """A copy with every default filled in for the device."""
@@ -107,6 +112,9 @@ def impls_for(config: BenchConfig, loss_name: str) -> tuple[list[str], dict[str,
     probe_dim = 256
     unavailable = {name: reason for name in wanted
                    if (reason := loss.impls[name].unavailable(device, probe_dim)) is not None}
+    if config.world_size > 1:
+        unavailable.update({name: f"no distributed form (--world-size {config.world_size})" for name in wanted
+                            if name not in unavailable and loss.impls[name].make_dist_step is None})
     return [name for name in wanted if name not in unavailable], unavailable
 
 
@@ -121,9 +129,10 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _record(loss: str, impl: str, n: int, d: int, dtype: str, device: str, estimate: int) -> dict:
+def _record(loss: str, impl: str, n: int, d: int, dtype: str, device: str, estimate: int,
+            world_size: int = 1) -> dict:
     return {"loss": loss, "impl": impl, "n": n, "m": n, "d": d, "dtype": dtype, "device": device,
-            "status": "skipped", "seconds": None, "first_seconds": None, "repeats": 0, "peak_mib": None,
+            "world_size": world_size, "input_mib": None, "status": "skipped", "seconds": None, "first_seconds": None, "repeats": 0, "peak_mib": None,
             "estimated_mib": round(estimate / MIB, 1), "rel_err": None, "loss_value": None,
             "reference_loss": None, "gflops": None, "ceiling_frac": None, "speedup": None,
             "memory_ratio": None, "over_budget": False, "note": None}
@@ -228,10 +237,12 @@ class _Problem:
         self._seed = config.seed
         self._path = scratch / f"{loss.name}_{n}_{d}_{dtype_name}.pt"
         self._reference = None
+        self.input_bytes = None  # of the whole (global) batch, known once the inputs are made
 
     def inputs_path(self) -> Path:
         if not self._path.exists():
             inputs = self.loss.make_inputs(self.n, self.d, DTYPES[self.dtype_name], self._seed)
+            self.input_bytes = sum(t.numel() * t.element_size() for t in inputs.values())
             torch.save(inputs, self._path)
             self._reference = self.loss.reference({k: v.to(self.device) for k, v in inputs.items()},
                                                   self.loss.params)
@@ -250,14 +261,18 @@ def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine:
     """Measure one impl on one problem, or record why it was skipped."""
     loss, n, d, dtype_name = problem.loss, problem.n, problem.d, problem.dtype_name
     impl = loss.impls[impl_name]
-    estimate = impl.estimate_bytes(n, n, d, DTYPES[dtype_name])
-    rec = _record(loss.name, impl_name, n, d, dtype_name, config.device, estimate)
+    world = config.world_size
+    # per rank: N / W rows against all N columns; on CPU every rank shares the machine's memory
+    estimate = impl.estimate_bytes(n // world, n, d, DTYPES[dtype_name])
+    machine_estimate = estimate * (world if problem.device.type == "cpu" else 1)
+    rec = _record(loss.name, impl_name, n, d, dtype_name, config.device, estimate, world)
     reason = impl.unavailable(problem.device, d)
     if reason is None and impl_name in failed_at:
         reason = f"out of memory at n={failed_at[impl_name]}"
-    if reason is None and estimate > config.mem_budget_bytes:
+    if reason is None and machine_estimate > config.mem_budget_bytes:
         rec["over_budget"] = True
-        reason = f"estimated {_size(estimate)} > memory budget {_size(config.mem_budget_bytes)}"
+        reason = (f"estimated {_size(machine_estimate)}{f' ({world} ranks)' if world > 1 else ''} > memory budget "
+                  f"{_size(config.mem_budget_bytes)}")
     if reason is None and config.time_budget_s and impl_name in timed_at:
         prev_n, prev_seconds = timed_at[impl_name]
         predicted = prev_seconds * (n / prev_n) ** 2
@@ -267,12 +282,28 @@ def _run_record(problem: _Problem, impl_name: str, config: BenchConfig, machine:
     if reason is not None:
         rec["note"] = reason
         return rec
+    options = {"backend": config.backend}
+    if config.dist_impl:
+        options["dist_impl"] = config.dist_impl
     job = {"loss": loss.name, "impl": impl_name, "n": n, "d": d, "dtype": dtype_name, "device": config.device,
-           "inputs_path": str(problem.inputs_path()), "options": {"backend": config.backend},
+           "inputs_path": str(problem.inputs_path()), "options": options,
            "timing": config.timing(), "threads": config.threads}
+    rec["input_mib"] = round(problem.input_bytes / MIB, 3) if problem.input_bytes is not None else None
+    ceiling = machine["matmul_gflops"].get(dtype_name)
+    if world > 1:
+        # one process per rank; CPU ranks share the cores (threads: cores / W unless --threads says otherwise)
+        job.update(world_size=world, threads=config.threads or max(1, (os.cpu_count() or 1) // world))
+        result = measure_distributed(job, RECORD_TIMEOUT_SECONDS)
+        rec["peak_mib_per_rank"] = [None if b is None else round(b / MIB, 2)
+                                    for b in result.get("peak_bytes_per_rank") or []]
+        if ceiling and problem.device.type == "cuda":
+            ceiling *= world  # one GPU per rank
     # CPU: a fresh process per record (peak RSS is the record's own); CUDA: the allocator's counters in-process
-    result = measure_isolated(job, RECORD_TIMEOUT_SECONDS) if problem.device.type == "cpu" else measure(job)
-    _fill(rec, result, problem.reference(), loss.flops(n, n, d), machine["matmul_gflops"].get(dtype_name))
+    elif problem.device.type == "cpu":
+        result = measure_isolated(job, RECORD_TIMEOUT_SECONDS)
+    else:
+        result = measure(job)
+    _fill(rec, result, problem.reference(), loss.flops(n, n, d), ceiling)
     if rec["status"] == "oom":
         failed_at[impl_name] = n
     if rec["status"] == "ok":
