@@ -258,3 +258,98 @@ def test_bad_input_names_the_argument():
         grad_cached_step(model, images, texts, loss_fn, 2, logit_scale=1.0)
     with pytest.raises(TypeError, match="loss_fn"):
         grad_cached_step(model, images, texts, "clip", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP, gloo, 2 processes: the cached step on each rank's half equals the single-process cached step
+# ---------------------------------------------------------------------------------------------
+
+DDP_CASES = {  # name: (dtype, which loss each rank runs, its single-process counterpart)
+    "mmcl_fast-float64": (torch.float64, "mmcl_fast", "mmcl_fast"),
+    "mmcl_fast-float32": (torch.float32, "mmcl_fast", "mmcl_fast"),
+    "open_clip-float64": (torch.float64, "open_clip", "open_clip"),
+}
+DDP_WORLD, DDP_LOCAL, DDP_CHUNK = 2, 6, 4  # 2 ranks x 6 pairs, chunks of 4 and 2 on each rank
+
+
+def _clip_loss(kind: str, rank: int = 0, world: int = 1):
+    cls = mmcl_fast.ClipLoss if kind == "mmcl_fast" else OpenClipLoss
+    if world == 1:
+        return cls()
+    return cls(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+
+
+def _ddp_worker(rank: int, world: int, work_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
+        results = {}
+        for name, (dtype, kind, _) in DDP_CASES.items():
+            model = tiny_clip(dtype=dtype)
+            model.load_state_dict(inputs[name]["state"])
+            ddp = DistributedDataParallel(model)
+            reductions = []
+
+            def counting_allreduce(state, bucket, reductions=reductions):
+                reductions.append(bucket.index())
+                return default_hooks.allreduce_hook(state, bucket)
+
+            ddp.register_comm_hook(None, counting_allreduce)
+            rows = slice(rank * DDP_LOCAL, (rank + 1) * DDP_LOCAL)
+            images, texts = inputs[name]["images"][rows], inputs[name]["texts"][rows]
+            loss_fn = _clip_loss(kind, rank, world)
+            plain_step(ddp, images, texts, loss_fn)  # how many bucket reductions one ordinary step makes
+            plain_reductions = len(reductions)
+            ddp.zero_grad(set_to_none=True)
+            reductions.clear()
+            loss = grad_cached_step(ddp, images, texts, loss_fn, DDP_CHUNK)
+            results[name] = {"loss": loss, "grads": grads_of(model), "reductions": len(reductions),
+                             "plain_reductions": plain_reductions}
+        torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise
+
+
+def test_ddp_gloo_matches_single_process_cached_step(tmp_path):
+    inputs = {}
+    for name, (dtype, _, _) in DDP_CASES.items():
+        images, texts = make_batch(DDP_WORLD * DDP_LOCAL, dtype)
+        inputs[name] = {"state": tiny_clip(dtype=dtype).state_dict(), "images": images, "texts": texts}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, DDP_WORLD, str(tmp_path))) for rank in range(DDP_WORLD)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(JOIN_TIMEOUT_S)
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(DDP_WORLD) if (tmp_path / f"rank{r}.err").exists()]
+    assert not errors, "rank(s) failed:\n" + "\n".join(errors)
+    assert not hung, f"rank(s) {hung} did not finish within {JOIN_TIMEOUT_S} s"
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DDP_WORLD)]
+    for name, (dtype, _, single_kind) in DDP_CASES.items():
+        model = tiny_clip(dtype=dtype)
+        model.load_state_dict(inputs[name]["state"])
+        loss = grad_cached_step(model, inputs[name]["images"], inputs[name]["texts"], _clip_loss(single_kind), CHUNK)
+        expected = grads_of(model)
+        for rank, results in enumerate(per_rank):
+            got = results[name]
+            assert_grads_close(got["grads"], expected, GRAD_CACHE_RTOL[dtype], f"{name} rank {rank}")
+            assert got["reductions"] == got["plain_reductions"] > 0, \
+                f"{name}: {got['reductions']} bucket all-reduces, an ordinary step makes {got['plain_reductions']}"
+        # local losses: the mean over ranks is the global loss
+        mean_loss = sum(results[name]["loss"].double() for results in per_rank) / DDP_WORLD
+        assert rel_err(mean_loss, loss) <= GRAD_CACHE_RTOL[dtype]
