@@ -40,6 +40,8 @@ class Impl:
     make_dist_step(local_inputs, params, options) -> step: one rank's step inside an initialised process group
         (options carry "rank", "world_size" and the loss's own options); step() returns this rank's loss, whose
         mean over ranks is the global loss. None: the impl has no distributed form.
+    dist_unavailable() -> None, or the reason this build cannot run the distributed form (checked with
+        world size > 1 only).
     """
 
     name: str
@@ -49,6 +51,7 @@ class Impl:
     unavailable: Callable[[torch.device, int], str | None]
     dense: bool
     make_dist_step: Callable[[dict, dict, dict], Step] | None = None
+    dist_unavailable: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,17 +129,18 @@ def paired_features(n: int, d: int, dtype: torch.dtype, seed: int) -> tuple[Tens
 REFERENCE_BLOCK_BYTES = 1 << 28  # float64 logits per row block of a reference: 256 MiB
 
 
-def block_rows(m: int, block_bytes: int = REFERENCE_BLOCK_BYTES) -> int:
-    """Rows of an (rows, m) float64 block that fit in `block_bytes`."""
-    return max(1, block_bytes // (8 * max(m, 1)))
+def block_rows(m: int, block_bytes: int | None = None) -> int:
+    """Rows of an (rows, m) float64 block that fit in `block_bytes` (default: REFERENCE_BLOCK_BYTES)."""
+    return max(1, (block_bytes or REFERENCE_BLOCK_BYTES) // (8 * max(m, 1)))
 
 
-def streamed_lse64(x: Tensor, y: Tensor, scale: float, block_bytes: int = REFERENCE_BLOCK_BYTES, *,
+def streamed_lse64(x: Tensor, y: Tensor, scale: float, block_bytes: int | None = None, *,
                    row_bias: Tensor | None = None, col_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row and column log-sum-exp of scale * x @ y.T (+ row_bias[:, None] + col_bias[None, :]) in float64, one
     block of rows at a time (never N x M).
 
-    A block holds at most `block_bytes` of float64 logits; column LSEs are merged across blocks.
+    A block holds at most `block_bytes` (default REFERENCE_BLOCK_BYTES) of float64 logits; column LSEs are
+    merged across blocks.
     """
     x64, y64 = x.double(), y.double()
     n, m = x64.shape[0], y64.shape[0]

@@ -113,8 +113,14 @@ def impls_for(config: BenchConfig, loss_name: str) -> tuple[list[str], dict[str,
     unavailable = {name: reason for name in wanted
                    if (reason := loss.impls[name].unavailable(device, probe_dim)) is not None}
     if config.world_size > 1:
-        unavailable.update({name: f"no distributed form (--world-size {config.world_size})" for name in wanted
-                            if name not in unavailable and loss.impls[name].make_dist_step is None})
+        for name in wanted:
+            impl = loss.impls[name]
+            if name in unavailable:
+                continue
+            if impl.make_dist_step is None:
+                unavailable[name] = f"no distributed form (--world-size {config.world_size})"
+            elif impl.dist_unavailable is not None and (reason := impl.dist_unavailable()) is not None:
+                unavailable[name] = reason
     return [name for name in wanted if name not in unavailable], unavailable
 
 

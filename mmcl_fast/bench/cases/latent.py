@@ -154,7 +154,7 @@ def _geometry_reference(inputs: dict, params: dict) -> float:
              "va": ("v", "a"), "wb": ("w", "b")}
     grams = {key: torch.zeros(d, d, dtype=torch.float64, device=image.device) for key in pairs}
     diagonal = torch.zeros((), dtype=torch.float64, device=image.device)
-    rows = block_rows(d, 1 << 24)
+    rows = block_rows(16 * d)  # four (rows, D) float64 blocks: a quarter of a reference block in all
     for start in range(0, n, rows):
         block = {name: tensor[start:start + rows].double()
                  for name, tensor in (("v", image), ("w", text), ("a", image_aug), ("b", text_aug))}

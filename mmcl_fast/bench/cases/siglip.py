@@ -76,6 +76,17 @@ def _mmcl_fast_dist_step(inputs: dict, params: dict, options: dict):
     return _stepper(module, inputs, params, grad_divisor=world)
 
 
+def _mmcl_fast_dist_unavailable() -> str | None:
+    import mmcl_fast
+    if not hasattr(mmcl_fast, "SigLipLoss"):
+        return "this mmcl_fast build has no SigLipLoss"
+    try:  # the distributed form is built in the constructor's checks (rank, world size, dist_impl)
+        mmcl_fast.SigLipLoss(rank=0, world_size=2)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not in this build
+        return f"mmcl_fast.SigLipLoss(world_size=2) fails in this build: {type(exc).__name__}: {exc}"
+    return None
+
+
 def _mmcl_fast_bytes(n: int, m: int, d: int, dtype: torch.dtype) -> int:
     # feature gradients in the input dtype + fp32 gradient accumulators and temporaries, O((N + M) D)
     return (n + m) * d * (itemsize(dtype) + 12)
@@ -148,7 +159,7 @@ SIGLIP = register_loss(LossBench(
     impls={
         "mmcl_fast": Impl("mmcl_fast", "mmcl_fast.siglip_loss (fused forward+backward sweep, never N x N)",
                           _mmcl_fast_step, _mmcl_fast_bytes, mmcl_fast_api_unavailable("siglip_loss"), dense=False,
-                          make_dist_step=_mmcl_fast_dist_step),
+                          make_dist_step=_mmcl_fast_dist_step, dist_unavailable=_mmcl_fast_dist_unavailable),
         "open_clip": Impl("open_clip", "open_clip.loss.SigLipLoss (dense N x N logits)",
                           _open_clip_step, _dense_bytes, _open_clip_unavailable, dense=True,
                           make_dist_step=_open_clip_dist_step),
