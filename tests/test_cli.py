@@ -21,7 +21,7 @@ from mmcl_fast.bench.measure import measure_isolated
 
 RECORD_FIELDS = {"impl", "loss", "n", "m", "d", "dtype", "device", "status", "seconds", "first_seconds", "repeats",
                  "peak_mib", "estimated_mib", "rel_err", "loss_value", "reference_loss", "gflops", "ceiling_frac",
-                 "speedup", "memory_ratio", "note"}
+                 "speedup", "memory_ratio", "note", "world_size", "input_mib"}
 MACHINE_FIELDS = {"date", "cpu", "cores", "torch_threads", "device", "versions", "git_commit", "matmul_gflops",
                   "mem_budget_mib", "cpu_kernel_isa"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,6 +92,30 @@ def test_unknown_impl_and_impl_that_cannot_run_here(capsys, tmp_path):
     if not torch.cuda.is_available():
         assert run_cli(["bench", "--impls", "inf_cl", "--device", "cpu", "--out", str(tmp_path)]) == 2
         assert "inf_cl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--world-size", "0"], ["--world-size", "positive"]),
+    (["--world-size", "3", "--sizes", "64,96"], ["--sizes 64", "--world-size 3"]),
+    (["--world-size", "2", "--sizes", "64", "--dist-impl", "shift"], ["--dist-impl", "siglip"]),
+    (["--loss", "siglip", "--dist-impl", "bidir"], ["--dist-impl", "--world-size"]),
+    (["--loss", "geometry", "--world-size", "2", "--sizes", "64"], ["--loss geometry", "no distributed form"]),
+    (["--loss", "bridge", "--impls", "mmcl_fast,open_clip"], ["--impls", "open_clip", "dense"]),
+])
+def test_bad_flag_combinations_name_the_flag(capsys, tmp_path, argv, words):
+    assert run_cli(["bench", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_siglip_without_its_kernel_is_a_clear_error_naming_the_missing_api(capsys, monkeypatch, tmp_path):
+    import mmcl_fast
+    monkeypatch.delattr(mmcl_fast, "siglip_loss", raising=False)
+    assert run_cli(["bench", "--loss", "siglip", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--loss siglip" in err and "siglip_loss" in err and "--impls" in err
 
 
 @pytest.mark.parametrize("text, expected", [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5", int(1.5 * 2**30)),
@@ -265,3 +289,6 @@ def test_info_json_reports_the_cpu_kernel_isa(capsys):
     assert data["backends"]["triton"]["available"] is False or torch.cuda.is_available() or \
         os.environ.get("TRITON_INTERPRET") == "1"
     assert data["bench_impls"]["clip"]["naive"]["cpu"] == "ok"
+    assert set(data["bench_impls"]) == set(LOSSES) >= {"clip", "siglip", "bridge", "uniformity", "separation",
+                                                        "geometry"}
+    assert data["bench_impls"]["siglip"]["dense"]["cpu"] == "ok"
