@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._ops import _as_vector, autocast_off, softmax_stats
+from ._ops import _as_vector, autocast_off, sigmoid_stats, softmax_stats
 from ._validate import check_features, check_scalar
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -144,7 +144,8 @@ def _metadata_device(group, *candidates) -> torch.device:
     return torch.device("cpu")
 
 
-def _exchange_and_check(image_features, text_features, logit_scale, logit_bias, rank_arg, world_arg, group):
+def _exchange_and_check(image_features, text_features, logit_scale, logit_bias, rank_arg, world_arg, group,
+                        what: str = "clip_loss"):
     """Validate locally, exchange the metadata, then raise the same kind of error on every rank if any is off.
 
     Returns (checked logit_scale, checked logit_bias, per-rank batch sizes).
@@ -187,7 +188,7 @@ def _exchange_and_check(image_features, text_features, logit_scale, logit_bias, 
         raise local_error
     bad = [q for q in range(world) if table[q][_OK] == 0]
     if bad:
-        raise ValueError(f"mmcl_fast.distributed.clip_loss: invalid input on rank(s) {bad} (see the error raised "
+        raise ValueError(f"mmcl_fast.distributed.{what}: invalid input on rank(s) {bad} (see the error raised "
                          "there); every rank stops so that none waits in a collective")
 
     def column(field):
@@ -280,3 +281,170 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     total = share.detach().clone()
     dist.all_reduce(total, group=group)
     return share + (total / world - share.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP across ranks
+# ---------------------------------------------------------------------------------------------
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+class _Exchange(torch.autograd.Function):
+    """One batch of point-to-point transfers: send `tensors[k]` to `send_peers[k]`, receive one tensor of
+    `recv_shapes[k]` from `recv_peers[k]`. Backward: each received tensor's gradient goes back to the rank it came
+    from, and the gradient of each sent tensor arrives from the rank it went to.
+
+    `pending`: None (wait here) or a list that gets the transfers' work handles, so that the caller can compute on
+    the block it holds while the next one is in flight and wait before touching the received tensors."""
+
+    @staticmethod
+    def forward(ctx, group, send_peers, recv_peers, recv_shapes, pending, *tensors):
+        like = tensors[0]
+        received = [like.new_empty(shape) for shape in recv_shapes]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer, group) for t, peer in zip(tensors, send_peers)]
+        ops += [dist.P2POp(dist.irecv, buf, peer, group) for buf, peer in zip(received, recv_peers)]
+        works = dist.batch_isend_irecv(ops)
+        if pending is None:
+            for work in works:
+                work.wait()
+        else:
+            pending.extend(works)
+        ctx.group, ctx.send_peers, ctx.recv_peers = group, send_peers, recv_peers
+        ctx.sent_shapes = [t.shape for t in tensors]
+        return tuple(received)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        grad_sent = [like.new_empty(shape) for shape in ctx.sent_shapes]
+        ops = [dist.P2POp(dist.isend, (g if g is not None else like.new_zeros(like.shape)).contiguous(), peer,
+                          ctx.group) for g, peer in zip(grads, ctx.recv_peers)]
+        ops += [dist.P2POp(dist.irecv, buf, peer, ctx.group) for buf, peer in zip(grad_sent, ctx.send_peers)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        return (None, None, None, None, None) + tuple(grad_sent)
+
+
+class _Broadcast(torch.autograd.Function):
+    """Rank `src`'s (rows, D) block on every rank; backward: the gradients summed onto `src` (dist.reduce)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, src: int, rows: int, group) -> Tensor:
+        rank = dist.get_rank(group)
+        block = local.contiguous().clone() if rank == src else local.new_empty((rows, local.shape[1]))
+        dist.broadcast(block, dist.get_global_rank(group, src) if group is not None else src, group=group)
+        ctx.src, ctx.group, ctx.rank = src, group, rank
+        return block
+
+    @staticmethod
+    def backward(ctx, grad_block: Tensor):
+        grad_block = grad_block.contiguous().clone()
+        dst = dist.get_global_rank(ctx.group, ctx.src) if ctx.group is not None else ctx.src
+        dist.reduce(grad_block, dst, group=ctx.group)
+        return (grad_block if ctx.rank == ctx.src else None), None, None, None
+
+
+def _peer(group, rank: int) -> int:
+    """The global rank of `rank` in `group` (P2P ops take global ranks)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+@autocast_off
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
+                dist_impl: str = "bidir", group=None, rank: int | None = None, world_size: int | None = None,
+                backend: str = "auto") -> Tensor:
+    """Exact SigLIP loss over the batch concatenated across the ranks of `group`, O(N * D) memory per rank.
+
+    Every rank calls it with its own paired local batch (image i <-> text i). Rank r computes the sigmoid terms of its
+    images against every rank's texts, one fused sweep per text block (positives only in its own block), and returns
+
+        loss_r = (W / N) sum_{i in rank r} sum_j softplus(-z_ij L_ij),   N = sum of the local batch sizes,
+
+    so that the mean over ranks of loss_r is the single-process loss of the concatenated batch (for equal local
+    batches loss_r is exactly open_clip's per-rank SigLipLoss). How the text blocks travel (`dist_impl`, open_clip's
+    names): "bidir" (default) and "shift" pass them around a ring of neighbour exchanges (both directions, or one),
+    the next block in flight while the current one is computed; "reduce" broadcasts each rank's block in turn;
+    "gather" all-gathers every block and makes one sweep over all N columns.
+
+    Gradient semantics (DDP): as `clip_loss`: after every rank runs ``(loss_r / W).backward()`` (what DDP's gradient
+    averaging amounts to), each rank's feature gradients equal the single-process gradients dL/d(its rows), the
+    text blocks' gradients having travelled back to their owners, and logit_scale / logit_bias gradients summed
+    over ranks (what DDP's all-reduce averages) equal dL/ds, dL/db. Every rank must call the backward, with the same
+    inputs requiring grad.
+
+    Returns:
+        0-d tensor, float32 for float32/bf16/fp16 features (float64 for float64).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group: torch.distributed is not initialised; call torch.distributed.init_process_group "
+                         "first (or use mmcl_fast.siglip_loss in a single process)")
+    if dist_impl not in SIGLIP_DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
+    logit_scale, logit_bias, sizes = _exchange_and_check(image_features, text_features, logit_scale, logit_bias,
+                                                         rank, world_size, group, what="siglip_loss")
+    this, world = dist.get_rank(group), dist.get_world_size(group)
+    n_global, n_local = sum(sizes), sizes[this]
+    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    device = image_features.device
+    scale_v = _as_vector(logit_scale, n_local, "logit_scale", image_features, acc)
+    row_bias = _as_vector(0.0 if logit_bias is None else logit_bias, n_local, "logit_bias", image_features, acc)
+    own_positives = torch.arange(n_local, device=device)[:, None]
+    no_positives = torch.full((n_local, 1), -1, dtype=torch.int64, device=device)
+
+    def block_total(texts: Tensor, positives: Tensor) -> Tensor:
+        col_bias = torch.zeros(texts.shape[0], dtype=acc, device=device)
+        return sigmoid_stats(image_features, texts, scale_v, row_bias, col_bias, positives, backend=backend)
+
+    if dist_impl == "gather":
+        all_text = _GatherRows.apply(text_features, sizes, group)
+        offset = sum(sizes[:this])
+        total = block_total(all_text, offset + own_positives)
+    elif dist_impl == "reduce":
+        # every rank takes part in every broadcast and (backward) every reduce, its own block included, so the
+        # collectives line up across ranks in both directions
+        total = None
+        for src in range(world):
+            block = _Broadcast.apply(text_features, src, sizes[src], group)
+            part = block_total(block, own_positives if src == this else no_positives)
+            total = part if total is None else total + part
+    else:
+        left, right = (this - 1) % world, (this + 1) % world
+        d = text_features.shape[1]
+        # (blocks to hold, their origins): start with the own block; each step receives the next ones
+        if dist_impl == "shift":
+            schedule = [("right", k) for k in range(1, world)]
+        else:
+            half, odd = divmod(world - 1, 2)
+            schedule = [("both", k) for k in range(1, half + 1)] + ([("right", half + 1)] if odd else [])
+        total = None
+        to_right, to_left = text_features, text_features
+        current = [(text_features, own_positives)]
+        for direction, k in schedule:
+            pending: list = []
+            if direction == "both":
+                # to the right: the block from k - 1 ranks to the left; to the left: the one from k - 1 to the right
+                from_left, from_right = (this - k) % world, (this + k) % world
+                received = _Exchange.apply(group, [_peer(group, right), _peer(group, left)],
+                                           [_peer(group, left), _peer(group, right)],
+                                           [(sizes[from_left], d), (sizes[from_right], d)], pending, to_right,
+                                           to_left)
+            else:
+                from_left = (this - k) % world
+                received = _Exchange.apply(group, [_peer(group, right)], [_peer(group, left)],
+                                           [(sizes[from_left], d)], pending, to_right)
+            for block, positives in current:  # compute while the next blocks are in flight
+                part = block_total(block, positives)
+                total = part if total is None else total + part
+            for work in pending:
+                work.wait()
+            if direction == "both":
+                to_right, to_left = received
+                current = [(to_right, no_positives), (to_left, no_positives)]
+            else:
+                to_right = received[0]
+                current = [(to_right, no_positives)]
+        for block, positives in current:
+            part = block_total(block, positives)
+            total = part if total is None else total + part
+    return total * (world / n_global)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._problem import Affine
+from .._problem import Affine, Gradients
 
 from .._ops import _batched_dot
 
@@ -158,3 +158,46 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
         dy[j0:j1].addmm_(g.T, x_blk)
     return (dx.to(x.dtype), dy.to(y.dtype), dscale.to(scale.dtype), drow.to(row_bias.dtype),
             dcol.to(col_bias.dtype))
+
+
+def _sign_tile(pos_cols: Tensor, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype) -> Tensor:
+    """-z over one tile: +1 for negatives, -1 where (row, column) is a positive pair (padded lists, -1 = none)."""
+    local = pos_cols[i0:i1] - j0
+    inside = (local >= 0) & (local < j1 - j0)
+    sign = torch.ones(i1 - i0, j1 - j0 + 1, dtype=dtype, device=pos_cols.device)
+    sign.scatter_(1, torch.where(inside, local, j1 - j0), -1.0)
+    return sign[:, :j1 - j0]
+
+
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+    """Row sums of softplus(-z L) and (need_grad) the gradients of their total, tile by tile: forward and backward
+    in one sweep (3 GEMM-equivalents with gradients, 1 without), at most three tiles alive."""
+    x, y, scale, row_bias, col_bias = problem
+    acc = _acc_dtype(x)
+    n, m = x.shape[0], y.shape[0]
+    row_loss = torch.zeros(n, dtype=acc, device=x.device)
+    if need_grad:
+        grads = Gradients(torch.zeros(x.shape, dtype=acc, device=x.device),
+                          torch.zeros(y.shape, dtype=acc, device=x.device), torch.zeros(n, dtype=acc, device=x.device),
+                          torch.zeros(n, dtype=acc, device=x.device), torch.zeros(m, dtype=acc, device=x.device))
+    y_blk, y_range = None, None
+    for i0, i1, j0, j1 in _tiles(n, m, x.device):
+        if y_range != (j0, j1):
+            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
+        x_blk = x[i0:i1].to(acc)
+        sim, u = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=need_grad)
+        sign = _sign_tile(pos_cols, i0, i1, j0, j1, acc)
+        u.mul_(sign)
+        row_loss[i0:i1] += torch.nn.functional.softplus(u).sum(1)
+        if not need_grad:
+            continue
+        g = u.sigmoid_().mul_(sign)
+        del sign
+        grads.dscale[i0:i1] += _batched_dot(g, sim, acc)
+        del sim
+        grads.drow_bias[i0:i1] += g.sum(1)
+        grads.dcol_bias[j0:j1] += g.sum(0)
+        g.mul_(scale[i0:i1, None].to(acc))
+        grads.dx[i0:i1].addmm_(g, y_blk)
+        grads.dy[j0:j1].addmm_(g.T, x_blk)
+    return row_loss, (grads if need_grad else None)

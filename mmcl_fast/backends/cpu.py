@@ -142,9 +142,15 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
     return tuple(grads)
 
 
-def sigmoid_loss(problem: Affine, positives: Positives, need_grad: bool):
-    """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total."""
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+    """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total.
+
+    pos_cols: (N, K) int64, row i's positive columns ascending, then -1 padding (see `_ops.sigmoid_stats`)."""
     x, y = problem.x, problem.y
+    valid = pos_cols >= 0
+    ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(valid.sum(1), 0, out=ptr[1:])
+    positives = Positives(ptr, pos_cols[valid].contiguous())  # row-major: row by row, ascending within a row
     row_loss = torch.empty(x.shape[0], dtype=torch.float32)
     grads = None
     if need_grad:

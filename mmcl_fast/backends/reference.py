@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._problem import Affine
+from .._problem import Affine, Gradients
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -64,3 +64,25 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
     drow = g.sum(1).to(row_bias.dtype)
     dcol = g.sum(0).to(col_bias.dtype)
     return dx, dy, dscale, drow, dcol
+
+
+def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
+    """Dense (N, M) bool mask of the positives given as padded per-row column lists (-1 = no entry)."""
+    mask = torch.zeros(pos_cols.shape[0], m + 1, dtype=torch.bool, device=pos_cols.device)
+    mask.scatter_(1, torch.where(pos_cols < 0, m, pos_cols), True)
+    return mask[:, :m]
+
+
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+    """Dense sigmoid loss: row sums of softplus(-z L) and (need_grad) the gradients of their total."""
+    x, y, scale, row_bias, col_bias = problem
+    acc = _acc_dtype(x)
+    sim, logits = _logits(x, y, scale, row_bias, col_bias)
+    sign = 1.0 - 2.0 * positive_mask(pos_cols, y.shape[0]).to(acc)  # -z: +1 for negatives, -1 for positives
+    u = sign * logits
+    row_loss = torch.nn.functional.softplus(u).sum(1)
+    if not need_grad:
+        return row_loss, None
+    g = sign * torch.sigmoid(u)
+    gs = g * scale.to(acc)[:, None]
+    return row_loss, Gradients(gs @ y.to(acc), gs.T @ x.to(acc), (g * sim).sum(1), g.sum(1), g.sum(0))

@@ -1,4 +1,5 @@
-"""`mmcl-fast misalign`: run the selection / perturbation bias study and write results.json + a heatmap."""
+"""`mmcl-fast misalign`: run the selection / perturbation bias study (several seeds, or a sweep over k) and write
+results.json + a heatmap (+ sweep.json and an R²-against-k plot for a sweep)."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,14 @@ import sys
 from pathlib import Path
 
 from .._ops import BACKENDS
-from .data import N_SEMANTIC, BiasConfig
-from .study import PRESETS
+from .data import MIXERS, N_SEMANTIC, BiasConfig
+from .study import PRESETS, SWEEPS
+from .train import OBJECTIVES
 
 _PAPER, _QUICK = PRESETS["paper"], PRESETS["quick"]
 
 DEFAULT_OUT = "out/misalign"
+QUICK_SEEDS = 3  # default --seeds with --quick (a single setting); 1 otherwise and for a sweep
 
 
 def _index_list(text: str) -> tuple[int, ...]:
@@ -36,6 +39,16 @@ def _index_list(text: str) -> tuple[int, ...]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"repeated index in {text!r}")
     return tuple(values)
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 1,5,10; got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
+    return values
 
 
 def _positive_int(text: str) -> int:
@@ -79,7 +92,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ρ ⊆ θ: kept indices randomly shifted in the text with probability 0.75 "
                              "(default: none)")
     parser.add_argument("--dependent", action="store_true", help="semantics ~ N(0, Σ), Σ ~ Wishart(10, I)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mixers, the data and the encoders")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first seed: the run uses seeds SEED..SEED+K-1 (each seeds the mixers, the covariances "
+                             "in the dependent case, the data and the encoders)")
+    parser.add_argument("--seeds", type=_positive_int, metavar="K",
+                        help=f"number of seeds K (default: {QUICK_SEEDS} with --quick, 1 otherwise and per sweep "
+                             "point); results.json keeps every seed's R² and their mean ± std")
+    parser.add_argument("--objective", default="clip", choices=OBJECTIVES,
+                        help="clip: symmetric squared-L2 InfoNCE with in-batch cross-modal negatives (default); "
+                             "lpsimclr: the paper code's LpSimCLR (negatives from a second batch of the anchor's "
+                             "modality, positive inside a log-mean-exp; twice the encoder work per step)")
+    parser.add_argument("--mixer", default="paper", choices=MIXERS,
+                        help="paper: the paper code's column-normalised uniform weights under its condition-number "
+                             "threshold (default); spectral: singular values in [1/2, 2]")
+    parser.add_argument("--mlp-regressor", action="store_true",
+                        help="also score an MLP regressor (scikit-learn MLPRegressor, 100 hidden units) beside "
+                             "kernel ridge, as the paper's lighter option")
+    parser.add_argument("--jobs", type=_positive_int, default=1,
+                        help="seeds (or sweep points) trained in parallel worker processes, each on --threads "
+                             "threads (default: 1)")
+    parser.add_argument("--sweep", choices=SWEEPS,
+                        help="the paper's sweeps, one run per k: selection θ = {0..k-1}, ρ = ∅ (k = 1..10); "
+                             "perturbation θ = {0..9}, ρ = {0..k-1} (k = 0..9). Ignores --selection/--perturbation")
+    parser.add_argument("--sweep-values", type=_k_list, metavar="K,K,...",
+                        help="run only these k of the sweep (default: all)")
     parser.add_argument("--steps", type=_positive_int,
                         help=f"training steps (paper: {_PAPER['train']['steps']}, --quick: {_QUICK['train']['steps']})")
     parser.add_argument("--batch", type=_positive_int,
@@ -119,7 +155,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None, str]:
+def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None, str, list[int]]:
     import torch
 
     from .._ops import resolve_backend
@@ -132,7 +168,7 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     for name in ("steps", "batch", "lr", "hidden", "encoding_size"):
         if getattr(args, name) is not None:
             train_kw[name] = getattr(args, name)
-    train_cfg = TrainConfig(**train_kw, backend=args.backend, seed=args.seed)
+    train_cfg = TrainConfig(**train_kw, backend=args.backend, objective=args.objective, seed=args.seed)
     eval_kw = dict(preset["eval"])
     if args.eval_samples is not None:
         eval_kw.update(n_val=args.eval_samples, n_test=args.eval_samples,
@@ -144,7 +180,8 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as cpu or cuda:0, got {args.device!r}") from None
     resolve_backend(args.backend, device, torch.float32)  # a backend the device cannot run fails here, not mid-run
-    return bias, train_cfg, eval_cfg, threads, str(device)
+    n_seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick and not args.sweep else 1)
+    return bias, train_cfg, eval_cfg, threads, str(device), list(range(args.seed, args.seed + n_seeds))
 
 
 def _error(args, message: str) -> int:
@@ -159,65 +196,115 @@ def run(args) -> int:
     if args.combine:
         return _combine(args)
     try:
-        bias, train_cfg, eval_cfg, threads, device = _settings(args)
+        bias, train_cfg, eval_cfg, threads, device, seeds = _settings(args)
+        sweep = None
+        if args.sweep:
+            from .study import sweep_settings
+            sweep = sweep_settings(args.sweep, args.sweep_values, args.dependent)
+        elif args.sweep_values is not None:
+            raise ValueError("--sweep-values needs --sweep")
     except (ValueError, TypeError) as exc:
         return _error(args, str(exc))
     import torch
     from rich.console import Console
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency: caps BLAS threads in the regressors
 
-    from .plot import heatmap, setting_label
-    from .study import run_study
-
     console = Console()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]misalign[/bold]: θ={list(bias.selection)} ρ={list(bias.perturbation)} "
-                  f"{'dependent' if bias.dependent else 'independent'} | steps {train_cfg.steps}, "
-                  f"batch {train_cfg.batch}, lr {train_cfg.lr:g}, backend {train_cfg.backend}, device {device}")
     torch_threads = torch.get_num_threads()
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with _progress(console, train_cfg.steps, disable=args.no_progress) as on_step, threadpool_limits(threads):
-            results = run_study(bias, train_cfg, eval_cfg, device=device, on_step=on_step,
-                                extra_config={"quick": bool(args.quick)})
+        with threadpool_limits(threads):
+            if sweep is None:
+                _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds, out_dir)
+            else:
+                _run_sweep(args, console, sweep, train_cfg, eval_cfg, threads, device, seeds, out_dir)
     finally:
         torch.set_num_threads(torch_threads)
+    return 0
+
+
+def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds, out_dir: Path,
+                 extra: dict | None = None) -> dict:
+    from .plot import heatmap, setting_label
+    from .study import run_study
+
+    console.print(f"[bold]misalign[/bold]: θ={list(bias.selection)} ρ={list(bias.perturbation)} "
+                  f"{'dependent' if bias.dependent else 'independent'} | {train_cfg.objective}, {args.mixer} mixers, "
+                  f"seeds {seeds[0]}..{seeds[-1]}, steps {train_cfg.steps}, batch {train_cfg.batch}, "
+                  f"lr {train_cfg.lr:g}, backend {train_cfg.backend}, device {device}")
+    parallel = args.jobs > 1 and len(seeds) > 1
+
+    def on_seed(result: dict) -> None:
+        check = {name: result["image"]["nonlinear"][name] for name in ("s_inv",)}
+        console.print(f"  seed {result['seed']}: train {result['train_s']:.0f} s, eval {result['eval_s']:.0f} s, "
+                      f"image non-linear R² of the invariant block {check['s_inv']:.3f}")
+
+    with _progress(console, train_cfg.steps * len(seeds), disable=args.no_progress or parallel) as bar:
+        results = run_study(bias, train_cfg, eval_cfg, seeds=seeds, device=device, mixer=args.mixer,
+                            mlp=args.mlp_regressor, jobs=args.jobs, threads=threads,
+                            on_step=None if parallel else bar.on_step,
+                            on_seed=lambda result: (bar.next_seed(), on_seed(result)),
+                            extra_config={"quick": bool(args.quick), **(extra or {})})
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    title = setting_label(results["config"]).replace("\n", "  ")
+    title = setting_label(results["config"]).replace("\n", "  ") + f"  {train_cfg.objective}, mean of {len(seeds)}"
     columns = [("image\nnon-linear", results["r2"]["nonlinear"]), ("image\nlinear", results["r2"]["linear"]),
                ("text\nnon-linear", results["text_r2"]["nonlinear"]), ("text\nlinear", results["text_r2"]["linear"]),
                ("oracle\n(from θ\\ρ)", results["oracle_r2"])]
-    png = heatmap(columns, results["roles"], out_dir / "heatmap.png", title)
+    png = heatmap(columns, results["roles"], out_dir / "heatmap.png", title, names=results["latents"])
     console.print(results_table(results))
-    console.print(f"train {results['timing']['train_s']:.1f} s, eval {results['timing']['eval_s']:.1f} s; "
-                  f"wrote {out_dir / 'results.json'} and {png}")
-    return 0
+    timing = results["timing"]
+    console.print(f"train {sum(timing['train_s_by_seed']):.0f} s, eval {sum(timing['eval_s_by_seed']):.0f} s "
+                  f"over {len(seeds)} seed(s); wrote {out_dir / 'results.json'} and {png}")
+    return results
+
+
+def _run_sweep(args, console, sweep, train_cfg, eval_cfg, threads, device, seeds, out_dir: Path) -> None:
+    from .plot import sweep_plot
+
+    points = []
+    for k, bias in sweep:
+        results = _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds, out_dir / f"k{k}",
+                               extra={"sweep": args.sweep, "k": k})
+        points.append({"k": k, "dir": f"k{k}", "selection": list(bias.selection),
+                       "perturbation": list(bias.perturbation), "roles": results["roles"],
+                       "r2": results["r2"], "r2_std": results["r2_std"], "text_r2": results["text_r2"],
+                       "oracle_r2": results["oracle_r2"], "pattern_check": results["pattern_check"]})
+    summary = {"sweep": args.sweep, "dependent": bool(args.dependent), "objective": train_cfg.objective,
+               "seeds": seeds, "points": points, "config": results["config"], "environment": results["environment"]}
+    (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    png = sweep_plot(summary, out_dir / f"sweep_{args.sweep}.png")
+    console.print(f"wrote {out_dir / 'sweep.json'} and {png}")
 
 
 def results_table(results: dict):
     from rich.table import Table
 
-    from .evaluate import LATENTS
     from .plot import ROLE_TAGS
 
-    table = Table(title="R² of each latent on held-out test samples")
-    for header in ("latent", "role", "image non-lin", "image linear", "text non-lin", "text linear", "oracle"):
+    n_seeds = len(results["seeds"])
+    table = Table(title=f"R² of each latent on held-out test samples (mean ± std over {n_seeds} seed(s))")
+    columns = [("image non-lin", "r2", "nonlinear"), ("image linear", "r2", "linear")]
+    if "mlp" in results["r2"]:
+        columns.append(("image MLP", "r2", "mlp"))
+    columns += [("text non-lin", "text_r2", "nonlinear"), ("text linear", "text_r2", "linear")]
+    for header in ("latent", "role", *(c[0] for c in columns), "oracle"):
         table.add_column(header, justify="left" if header in ("latent", "role") else "right")
-    for name in LATENTS:
-        table.add_row(name, ROLE_TAGS[results["roles"][name]],
-                      *(f"{value:.2f}" for value in (results["r2"]["nonlinear"][name], results["r2"]["linear"][name],
-                                                     results["text_r2"]["nonlinear"][name],
-                                                     results["text_r2"]["linear"][name], results["oracle_r2"][name])))
+    for name in results["latents"]:
+        cells = [f"{results[key][reg][name]:.2f} ± {results[key + '_std'][reg][name]:.2f}" for _, key, reg in columns]
+        table.add_row(name, ROLE_TAGS[results["roles"][name]], *cells, f"{results['oracle_r2'][name]:.2f}")
     return table
 
 
 class _progress:
-    """Context manager yielding an on_step(step, loss) callback that drives a rich progress bar."""
+    """Context manager yielding a handle whose on_step(step, loss) drives one rich progress bar over all seeds."""
 
     def __init__(self, console, total: int, disable: bool):
         self.console, self.total, self.disable = console, total, disable
+        self.offset = 0
 
     def __enter__(self):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -227,12 +314,16 @@ class _progress:
                             console=self.console, disable=self.disable)
         self.bar.__enter__()
         self.task = self.bar.add_task("train", total=self.total, loss="")
+        self.steps = None
+        return self
 
-        def on_step(step: int, loss: float) -> None:
-            fields = {} if math.isnan(loss) else {"loss": f"loss {loss:.4f}"}
-            self.bar.update(self.task, completed=step + 1, **fields)
+    def on_step(self, step: int, loss: float) -> None:
+        fields = {} if math.isnan(loss) else {"loss": f"loss {loss:.4f}"}
+        self.steps = step + 1
+        self.bar.update(self.task, completed=self.offset + step + 1, **fields)
 
-        return on_step
+    def next_seed(self) -> None:
+        self.offset += self.steps or 0
 
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
@@ -251,7 +342,7 @@ def _combine(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = [(setting_label(run["config"]), run["r2"]["nonlinear"]) for run in runs]
     png = heatmap(columns, runs[0]["roles"] if len(runs) == 1 else None, out_dir / "heatmap_combined.png",
-                  "non-linear R² from the image representation, one column per setting")
+                  "non-linear R² from the image representation (mean over seeds), one column per setting")
     print(f"wrote {png}")
     return 0
 

@@ -1,10 +1,13 @@
-"""One run of the study: build the latent model, train the encoders, evaluate R², assemble results.json."""
+"""Runs of the study: for each seed build the latent model, train the encoders and evaluate R²; then assemble
+results.json with every seed's values and their mean ± std (and, for a sweep, one such run per k)."""
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -12,8 +15,8 @@ import torch
 
 from .. import __version__
 from .._ops import resolve_backend
-from .data import BiasConfig, LatentModel
-from .evaluate import LATENTS, evaluate
+from .data import N_SEMANTIC, BiasConfig, LatentModel
+from .evaluate import evaluate, latent_names
 from .train import TrainConfig, train_encoders
 
 
@@ -51,10 +54,36 @@ PRESETS = {
 }
 
 
+SWEEPS = ("selection", "perturbation")
+
+
+def sweep_settings(kind: str, ks=None, dependent: bool = False) -> list[tuple[int, BiasConfig]]:
+    """The paper's sweeps, one (k, BiasConfig) per k (indices are 0-based, so the paper's [k] = {1..k} is
+    {0..k-1} here):
+
+    - "selection": θ = {0..k-1}, ρ = ∅, for k = 1..10 (the text keeps a growing prefix of the semantics);
+    - "perturbation": θ = {0..9}, ρ = {0..k-1}, for k = 0..9 (k = 0: no perturbation).
+    """
+    if kind not in SWEEPS:
+        raise ValueError(f"sweep must be one of {SWEEPS}, got {kind!r}")
+    allowed = range(1, N_SEMANTIC + 1) if kind == "selection" else range(0, N_SEMANTIC)
+    ks = list(allowed) if ks is None else list(ks)
+    bad = [k for k in ks if k not in allowed]
+    if bad or not ks:
+        raise ValueError(f"sweep values for --sweep {kind} must lie in {allowed.start}..{allowed.stop - 1}, "
+                         f"got {ks}")
+    if kind == "selection":
+        return [(k, BiasConfig(selection=tuple(range(k)), dependent=dependent)) for k in ks]
+    return [(k, BiasConfig(selection=tuple(range(N_SEMANTIC)), perturbation=tuple(range(k)), dependent=dependent))
+            for k in ks]
+
+
 def roles(bias: BiasConfig) -> dict[str, str]:
-    """latent name → 'invariant' | 'perturbed' | 'excluded' | 'specific'."""
-    out = {f"s{i}": bias.role(i) for i in range(len(LATENTS) - 2)}
+    """latent name → 'invariant' | 'perturbed' | 'excluded' | 'specific' | 'block' | 'text_value'."""
+    out = {f"s{i}": bias.role(i) for i in range(N_SEMANTIC)}
     out["m_x"] = out["m_t"] = "specific"
+    out["s_inv"] = "block"
+    out.update({f"s_tilde{j}": "text_value" for j in bias.perturbation})
     return out
 
 
@@ -67,36 +96,129 @@ def _git_commit() -> str | None:
         return None
 
 
-def run_study(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *, device: str = "cpu",
-              on_step: Callable[[int, float], None] | None = None, extra_config: dict | None = None) -> dict:
-    """Train and evaluate one (θ, ρ, dependence) setting; returns the results.json document."""
-    device = torch.device(device)
-    resolved = resolve_backend(train_cfg.backend, device, torch.float32)
-    model = LatentModel(bias, seed=train_cfg.seed, device=device)
+def run_seed(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *, device: str = "cpu",
+             mixer: str = "paper", mlp: bool = False, threads: int | None = None,
+             on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train and evaluate one seed (`train_cfg.seed`: mixers, covariances, data and encoders all derive from it)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = LatentModel(bias, seed=train_cfg.seed, device=device, mixer=mixer)
     encoders = train_encoders(model, train_cfg, on_step=on_step)
     start = time.perf_counter()
     scores = evaluate(model, encoders.f_x, encoders.f_t, n_val=eval_cfg.n_val, n_test=eval_cfg.n_test,
-                      n_nonlinear=eval_cfg.n_nonlinear, seed=train_cfg.seed + 1_000_003)
-    eval_seconds = time.perf_counter() - start
+                      n_nonlinear=eval_cfg.n_nonlinear, seed=train_cfg.seed + 1_000_003, mlp=mlp)
+    return {"seed": train_cfg.seed, "image": scores["image"], "text": scores["text"], "oracle": model.oracle_r2(),
+            "loss_history": [[step, loss] for step, loss in encoders.history],
+            "train_s": round(encoders.seconds, 2), "eval_s": round(time.perf_counter() - start, 2)}
+
+
+def _run_seed_in_worker(job: tuple) -> dict:
+    """Process-pool entry point: one seed on `threads` threads, with scikit-learn's BLAS capped the same."""
+    from threadpoolctl import threadpool_limits
+
+    bias, train_cfg, eval_cfg, device, mixer, mlp, threads = job
+    with threadpool_limits(threads):
+        return run_seed(bias, train_cfg, eval_cfg, device=device, mixer=mixer, mlp=mlp, threads=threads)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _aggregate(per_seed: list[dict], key: str) -> tuple[dict, dict, dict]:
+    """(means, stds, by_seed) for one of "image" / "text": {regressor: {latent: ...}}."""
+    means, stds, by_seed = {}, {}, {}
+    for regressor in per_seed[0][key]:
+        by_seed[regressor] = {name: [run[key][regressor][name] for run in per_seed]
+                              for name in per_seed[0][key][regressor]}
+        pairs = {name: _mean_std(values) for name, values in by_seed[regressor].items()}
+        means[regressor] = {name: pair[0] for name, pair in pairs.items()}
+        stds[regressor] = {name: pair[1] for name, pair in pairs.items()}
+    return means, stds, by_seed
+
+
+def pattern_check(results: dict, regressor: str = "nonlinear") -> dict:
+    """Per seed, the numbers the acceptance criteria read (image representation, `regressor`):
+    the lowest R² of an invariant semantic, the highest R² of a dropped / perturbed / modality-specific latent,
+    and the largest |R² - oracle R²| over s0..s9 (the oracle is per seed: in the dependent case Σ is)."""
+    roles_ = results["roles"]
+    by_seed = results["r2_by_seed"][regressor]
+    oracle = results["oracle_r2_by_seed"]
+    semantics = [f"s{i}" for i in range(N_SEMANTIC)]
+    invariant = [name for name in semantics if roles_[name] == "invariant"]
+    others = [name for name in semantics + ["m_x", "m_t"] if roles_[name] in ("perturbed", "excluded", "specific")]
+    n_seeds = len(results["seeds"])
+    return {
+        "regressor": regressor,
+        "invariant_min": [min(by_seed[name][i] for name in invariant) for i in range(n_seeds)],
+        "others_max": [max((by_seed[name][i] for name in others), default=float("nan")) for i in range(n_seeds)],
+        "oracle_gap_max": [max(abs(by_seed[name][i] - oracle[name][i]) for name in semantics)
+                           for i in range(n_seeds)],
+    }
+
+
+def run_study(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *, seeds=None, device: str = "cpu",
+              mixer: str = "paper", mlp: bool = False, jobs: int = 1, threads: int | None = None,
+              on_step: Callable[[int, float], None] | None = None,
+              on_seed: Callable[[dict], None] | None = None, extra_config: dict | None = None) -> dict:
+    """Train and evaluate one (θ, ρ, dependence) setting for each seed; returns the results.json document.
+
+    seeds: the seeds to run (default: `train_cfg.seed` alone). jobs > 1 runs seeds in that many worker processes
+    (each on `threads` threads; `on_step` is then not called). `on_seed(result)` is called as each seed finishes.
+    """
+    seeds = [train_cfg.seed] if seeds is None else [int(seed) for seed in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    device = torch.device(device)
+    resolved = resolve_backend(train_cfg.backend, device, torch.float32)
+    configs = [replace(train_cfg, seed=seed) for seed in seeds]
+    per_seed: list[dict] = []
+    if jobs == 1 or len(seeds) == 1:
+        for cfg in configs:
+            per_seed.append(run_seed(bias, cfg, eval_cfg, device=str(device), mixer=mixer, mlp=mlp, threads=threads,
+                                     on_step=on_step))
+            if on_seed is not None:
+                on_seed(per_seed[-1])
+    else:
+        import multiprocessing
+
+        jobs_ = [(bias, cfg, eval_cfg, str(device), mixer, mlp, threads or 1) for cfg in configs]
+        with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for result in pool.map(_run_seed_in_worker, jobs_):
+                per_seed.append(result)
+                if on_seed is not None:
+                    on_seed(result)
+    image, image_std, image_by_seed = _aggregate(per_seed, "image")
+    text, text_std, text_by_seed = _aggregate(per_seed, "text")
+    oracle_by_seed = {name: [run["oracle"][name] for run in per_seed] for name in per_seed[0]["oracle"]}
     config = {
         "selection": list(bias.selection), "perturbation": list(bias.perturbation),
         "invariant": list(bias.invariant), "dependent": bias.dependent, "change_prob": bias.change_prob,
-        **train_cfg.as_dict(),
-        "encoding_size": train_cfg.encoding_size or len(bias.invariant),
-        "resolved_backend": resolved, "device": str(device), "threads": torch.get_num_threads(),
-        "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
-        **(extra_config or {}),
+        **train_cfg.as_dict(), "seed": seeds[0],
+        "encoding_size": train_cfg.encoding_size or len(bias.invariant), "mixer": mixer,
+        "resolved_backend": resolved, "device": str(device), "threads": threads or torch.get_num_threads(),
+        "jobs": jobs, "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
+        "mlp_regressor": mlp, **(extra_config or {}),
     }
-    return {
+    results = {
         "config": config,
-        "r2": scores["image"],
-        "text_r2": scores["text"],
-        "oracle_r2": model.oracle_r2(),
+        "seeds": seeds,
+        "latents": list(latent_names(bias)),
+        "r2": image, "r2_std": image_std, "r2_by_seed": image_by_seed,
+        "text_r2": text, "text_r2_std": text_std, "text_r2_by_seed": text_by_seed,
+        "oracle_r2": {name: statistics.fmean(values) for name, values in oracle_by_seed.items()},
+        "oracle_r2_by_seed": oracle_by_seed,
         "roles": roles(bias),
-        "loss_history": [[step, loss] for step, loss in encoders.history],
-        "timing": {"train_s": round(encoders.seconds, 2), "eval_s": round(eval_seconds, 2)},
+        "loss_history_by_seed": {str(run["seed"]): run["loss_history"] for run in per_seed},
+        "timing": {"train_s_by_seed": [run["train_s"] for run in per_seed],
+                   "eval_s_by_seed": [run["eval_s"] for run in per_seed]},
         "environment": {"mmcl_fast": __version__, "torch": torch.__version__, "commit": _git_commit(),
                         "machine": platform.machine(), "processor": platform.processor() or None,
                         "cpu_count": torch.multiprocessing.cpu_count(),
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
+    results["pattern_check"] = pattern_check(results)
+    return results

@@ -1,12 +1,21 @@
 """Contrastive training of the two encoders on fresh samples of the latent model (SPEC §5).
 
-Each step draws a new batch (x, t), encodes it with MLPs f_x, f_t and minimises the symmetric squared-L2 InfoNCE
+Each step draws a new batch (x, t), encodes it with MLPs f_x, f_t (z_x = f_x(x), z_t = f_t(t)) and minimises one
+of two squared-L2 objectives (τ = 1), both computed by mmcl_fast's streamed primitive (no B x B buffer outside
+backend="reference"):
 
-    L = ½ [CE_rows + CE_cols] over logits  -||f_x(x_i) - f_t(t_j)||² / τ,     τ = 1,
+- objective="clip": the symmetric InfoNCE with in-batch cross-modal negatives,
+      L = ½ [CE_rows + CE_cols] over logits  -||z_x_i - z_t_j||² / τ
+  (`mmcl_fast.infonce(..., similarity="sqeuclidean")`): image i is told apart from the other texts of the batch;
+- objective="lpsimclr": the LpSimCLR loss of the paper's code (p = 2, α = ½, positive kept in the denominator).
+  A second fresh batch (x', t') supplies negatives of the anchor's own modality, and the positive sits inside a
+  log-mean-exp over B + 1 terms:
+      ℓ_x(i) = d_i / τ + log [ (exp(-d_i / τ) + Σ_j exp(-||z_x_i - z_x'_j||² / τ)) / (B + 1) ],  d_i = ||z_x_i - z_t_i||²
+  and L = ½ [mean_i ℓ_x(i) + mean_i ℓ_t(i)] with ℓ_t built the same way from z_t, z_x and t'. The sum over j is
+  `mmcl_fast.affine_lse` of the affine form -||a - b||² = 2<a, b> - ||a||² - ||b||²; the positive is joined with
+  one logaddexp. Each step encodes two batches per encoder (twice the encoder work of "clip").
 
-computed by mmcl_fast's streamed primitive (`mmcl_fast.infonce(..., similarity="sqeuclidean")`, no B x B buffer
-outside backend="reference"), with Adam (optionally after a linear warm-up) and gradient-norm clipping (max norm
-2, as in the paper's code).
+Adam (optionally after a linear warm-up) and gradient-norm clipping (max norm 2, as in the paper's code).
 """
 from __future__ import annotations
 
@@ -18,8 +27,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._ops import affine_lse
 from ..losses.infonce import infonce
 from .data import LatentModel
+
+OBJECTIVES = ("clip", "lpsimclr")
 
 
 @dataclass
@@ -36,6 +48,7 @@ class TrainConfig:
     warmup: int = 0  # linear lr warm-up steps (0: none, as in the paper)
     cosine_decay: bool = False  # False: constant lr after the warm-up, as in the paper
     backend: str = "auto"
+    objective: str = "clip"  # "clip" (in-batch cross-modal negatives) or "lpsimclr" (the paper code's loss)
     seed: int = 0
 
     def __post_init__(self):
@@ -55,6 +68,8 @@ class TrainConfig:
         self.hidden = hidden
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.encoding_size is not None and (not isinstance(self.encoding_size, int) or self.encoding_size < 1):
             raise ValueError(f"encoding_size must be a positive int or None, got {self.encoding_size!r}")
 
@@ -87,6 +102,25 @@ def contrastive_loss(z_x: torch.Tensor, z_t: torch.Tensor, tau: float, backend: 
     return infonce(z_x, z_t, scale=1.0 / tau, similarity="sqeuclidean", symmetric=True, backend=backend)
 
 
+def _lpsimclr_direction(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
+                        backend: str) -> torch.Tensor:
+    """mean_i [ d_i/τ + log-mean-exp({-d_i/τ} ∪ {-||anchor_i - negatives_j||²/τ}_j) ], d_i = ||anchor_i - positive_i||²."""
+    anchor_sq = (anchor * anchor).sum(1)
+    negative_sq = (negatives * negatives).sum(1)
+    negative_lse, _ = affine_lse(anchor, negatives, scale=2.0 / tau, row_bias=-anchor_sq / tau,
+                                 col_bias=-negative_sq / tau, need_col=False, backend=backend)
+    positive_dist = ((anchor - positive) ** 2).sum(1) / tau
+    log_mean_exp = torch.logaddexp(negative_lse, -positive_dist) - math.log(negatives.shape[0] + 1)
+    return (positive_dist + log_mean_exp).mean()
+
+
+def lpsimclr_loss(z_x: torch.Tensor, z_t: torch.Tensor, z_x_neg: torch.Tensor, z_t_neg: torch.Tensor, tau: float,
+                  backend: str) -> torch.Tensor:
+    """The paper code's symmetrised LpSimCLR (p = 2): z_x_neg, z_t_neg encode a second, independent batch."""
+    return 0.5 * (_lpsimclr_direction(z_x, z_t, z_x_neg, tau, backend)
+                  + _lpsimclr_direction(z_t, z_x, z_t_neg, tau, backend))
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     factor = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
     if cfg.cosine_decay:
@@ -114,7 +148,12 @@ def train_encoders(model: LatentModel, cfg: TrainConfig,
     start = time.perf_counter()
     for step in range(cfg.steps):
         batch = model.sample(cfg.batch, data_gen)
-        loss = contrastive_loss(f_x(batch.x), f_t(batch.t), cfg.tau, cfg.backend)
+        if cfg.objective == "clip":
+            loss = contrastive_loss(f_x(batch.x), f_t(batch.t), cfg.tau, cfg.backend)
+        else:
+            negatives = model.sample(cfg.batch, data_gen)
+            loss = lpsimclr_loss(f_x(batch.x), f_t(batch.t), f_x(negatives.x), f_t(negatives.t), cfg.tau,
+                                 cfg.backend)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, max_norm=cfg.grad_clip)
