@@ -1,16 +1,17 @@
-"""Regression benchmarks: forward+backward of the symmetric CLIP loss, mmcl_fast vs open_clip's ClipLoss.
+"""Regression benchmarks: forward+backward of the CLIP and SigLIP losses, mmcl_fast vs open_clip's ClipLoss and
+SigLipLoss (the bench registry's impls and float64 references), and the LSE primitive per backend / ISA.
 
     pytest benchmarks/ --benchmark-only                      # all
     pytest benchmarks/ --benchmark-only --benchmark-autosave # keep a baseline in .benchmarks/
     pytest benchmarks/ --benchmark-only --benchmark-compare  # compare with the last saved one
 
 Each case is grouped by problem (N, D, dtype) so the two implementations print side by side, and carries its
-achieved GFLOP/s (8 N^2 D per fused fwd+bwd) in extra_info. Every timed loss is also checked against a
-float64 dense cross-entropy on the same rounded inputs, so a fast but wrong kernel does not pass as a result.
+achieved GFLOP/s (the registry's fused fwd+bwd FLOP count) in extra_info. Every timed loss is also checked
+against the registry's float64 reference on the same rounded inputs, so a fast but wrong kernel does not pass
+as a result.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from tolerances import LOSS_RTOL
 
 from mmcl_fast import affine_lse
@@ -27,26 +28,25 @@ ROUNDS = {1024: 10, 4096: 3}
 BASELINE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
 
 
-def _dense_loss64(image, text, scale):
-    logits = scale * image.double() @ text.double().T
-    labels = torch.arange(logits.shape[0])
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)).item()
-
-
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("n", list(ROUNDS))
 @pytest.mark.parametrize("impl", ["mmcl_fast", "open_clip"])
-def test_clip_loss_fwd_bwd(benchmark, impl, n, dtype_name):
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_loss_fwd_bwd(benchmark, loss_name, impl, n, dtype_name):
     dtype = DTYPES[dtype_name]
-    clip = get_loss("clip")
-    image, text = paired_features(n, DIM, dtype, seed=0)
-    expected = _dense_loss64(image, text, LOGIT_SCALE)
-    step = clip.impls[impl].make_step({"image": image, "text": text}, {"logit_scale": LOGIT_SCALE}, {})
-    benchmark.group = f"clip fwd+bwd n={n} d={DIM} {dtype_name}"
-    loss = benchmark.pedantic(step, rounds=ROUNDS[n], warmup_rounds=1, iterations=1)
-    benchmark.extra_info["gflops"] = round(clip.flops(n, n, DIM) / benchmark.stats.stats.median / 1e9, 1)
+    loss = get_loss(loss_name)
+    reason = loss.impls[impl].unavailable(torch.device("cpu"), DIM)
+    if reason:
+        pytest.skip(reason)
+    params = {**loss.params, "logit_scale": LOGIT_SCALE} if loss_name == "clip" else loss.params
+    inputs = loss.make_inputs(n, DIM, dtype, 0)
+    expected = loss.reference(inputs, params)
+    step = loss.impls[impl].make_step(inputs, params, {})
+    benchmark.group = f"{loss_name} fwd+bwd n={n} d={DIM} {dtype_name}"
+    value = benchmark.pedantic(step, rounds=ROUNDS[n], warmup_rounds=1, iterations=1)
+    benchmark.extra_info["gflops"] = round(loss.flops(n, n, DIM) / benchmark.stats.stats.median / 1e9, 1)
     rtol = LOSS_RTOL[dtype] if impl == "mmcl_fast" else BASELINE_RTOL[dtype]
-    assert abs(float(loss) - expected) <= rtol * abs(expected), (float(loss), expected)
+    assert abs(float(value) - expected) <= rtol * abs(expected), (float(value), expected)
 
 
 # every ISA build of the CPU kernel this machine runs, and the blocked torch backend, side by side
