@@ -1,5 +1,6 @@
 // Standalone test of the compiled CPU core: no Python, no torch. For one ISA build (argv[1]) it checks the
-// forward LSEs and every gradient of the backward (dx, dy, dscale, drow, dcol, with all the folded linear terms)
+// forward LSEs and every gradient of the backward (dx, dy, dscale, drow, dcol, with all the folded linear terms),
+// and the fused sigmoid loss with its gradients (random CSR positives, logit scale up to 100, bias down to -20),
 // against a double-precision reference on the same rounded inputs, at awkward sizes (N = 1, primes, sizes that
 // are not multiples of any tile, D = 1, D = 1000), for fp32 / bf16 / fp16 inputs, strided rows and 1 or 3
 // threads. Exit codes: 0 pass, 1 a check failed, 77 this CPU lacks the ISA (ctest reports a skip), 2 bad usage.
@@ -175,6 +176,60 @@ void run_case(const mmcl::KernelTable& table, int64_t n, int64_t m, int64_t d, i
     check.expect(tag + " dcol", std::vector<double>(k_dcol.begin(), k_dcol.end()), dcol, kF32Rtol);
 }
 
+// The fused sigmoid loss (sigmoid.h): row sums of softplus(-z L) and the gradients of their total, with random
+// CSR positives (empty rows, several per row, rows whose positives straddle column blocks), against double.
+void run_sigmoid_case(const mmcl::KernelTable& table, int64_t n, int64_t m, int64_t d, int dtype, int threads,
+                      std::mt19937_64& rng, Checker& check) {
+    const Features x(n, d, dtype, rng), y(m, d, dtype, rng);
+    const std::vector<float> scale = uniform(n, 0.5f, 100.0f, rng);
+    const std::vector<float> row_bias = uniform(n, -20.0f, 5.0f, rng), col_bias = uniform(m, -2.0f, 2.0f, rng);
+    const mmcl::Problem p{x.data(), x.rs, y.data(), y.rs, dtype, n, m, d, scale.data(), row_bias.data(),
+                          col_bias.data()};
+    std::vector<int64_t> ptr(n + 1, 0), cols;
+    std::vector<char> positive(n * m, 0);
+    for (int64_t i = 0; i < n; ++i) {
+        const uint64_t kind = rng() % 4;  // 0: none, 1: one, 2: a few, 3: every third column
+        for (int64_t j = 0; j < m; ++j) {
+            const bool pos = kind == 1 ? j == i % m : kind == 2 ? rng() % 7 == 0 : kind == 3 ? j % 3 == 0 : false;
+            if (pos) { cols.push_back(j); positive[i * m + j] = 1; }
+        }
+        ptr[i + 1] = static_cast<int64_t>(cols.size());
+    }
+    const mmcl::Positives pos{ptr.data(), cols.empty() ? nullptr : cols.data()};
+
+    std::vector<double> row_loss(n, 0.0), dx(n * d, 0.0), dy(m * d, 0.0), dscale(n, 0.0), drow(n, 0.0), dcol(m, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+            double s = 0.0;
+            for (int64_t k = 0; k < d; ++k) s += x.value[i * d + k] * y.value[j * d + k];
+            const double sign = positive[i * m + j] ? -1.0 : 1.0;  // -z
+            const double u = sign * (scale[i] * s + row_bias[i] + col_bias[j]);
+            row_loss[i] += std::max(u, 0.0) + std::log1p(std::exp(-std::fabs(u)));
+            const double g = sign / (1.0 + std::exp(-u));
+            dscale[i] += g * s;
+            drow[i] += g;
+            dcol[j] += g;
+            for (int64_t k = 0; k < d; ++k) {
+                dx[i * d + k] += scale[i] * g * y.value[j * d + k];
+                dy[j * d + k] += scale[i] * g * x.value[i * d + k];
+            }
+        }
+    const std::string tag = std::string("sigmoid ") + dtype_name(dtype) + " n=" + std::to_string(n) + " m=" +
+                            std::to_string(m) + " d=" + std::to_string(d) + " threads=" + std::to_string(threads);
+    std::vector<float> k_loss(n), k_dx(n * d), k_dy(m * d), k_dscale(n), k_drow(n), k_dcol(m);
+    table.sigmoid(p, pos, k_loss.data(), nullptr, nullptr, nullptr, nullptr, nullptr, threads);
+    check.expect(tag + " row_loss (no grad)", std::vector<double>(k_loss.begin(), k_loss.end()), row_loss, kF32Rtol);
+    table.sigmoid(p, pos, k_loss.data(), k_dx.data(), k_dy.data(), k_dscale.data(), k_drow.data(), k_dcol.data(),
+                  threads);
+    auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+    check.expect(tag + " row_loss", as_double(k_loss), row_loss, kF32Rtol);
+    check.expect(tag + " dx", as_double(k_dx), dx, kF32Rtol);  // fp32 outputs: the caller rounds once
+    check.expect(tag + " dy", as_double(k_dy), dy, kF32Rtol);
+    check.expect(tag + " dscale", as_double(k_dscale), dscale, kF32Rtol);
+    check.expect(tag + " drow", as_double(k_drow), drow, kF32Rtol);
+    check.expect(tag + " dcol", as_double(k_dcol), dcol, kF32Rtol);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -208,7 +263,10 @@ int main(int argc, char** argv) {
     Checker check;
     for (const auto& c : cases)
         for (int dtype : {kF32, kBF16, kF16})
-            for (int threads : {1, 3}) run_case(*table, c[0], c[1], c[2], dtype, threads, rng, check);
+            for (int threads : {1, 3}) {
+                run_case(*table, c[0], c[1], c[2], dtype, threads, rng, check);
+                run_sigmoid_case(*table, c[0], c[1], c[2], dtype, threads, rng, check);
+            }
     std::printf("%s: %d checks, %d failed\n", table->isa, check.checks, check.failures);
     return check.failures == 0 ? 0 : 1;
 }
