@@ -10,9 +10,10 @@ SUBCOMMANDS = {
     "bench": "mmcl_fast.bench.cli",
     "info": "mmcl_fast.bench.info",
     "misalign": "mmcl_fast.misalign.cli",
+    "cmcr": "mmcl_fast.cmcr.cli",
 }
 # The extra that brings each subcommand's optional dependencies (pyproject.toml); the core needs none of them.
-EXTRAS = {"bench": "bench", "info": "bench", "misalign": "study"}
+EXTRAS = {"bench": "bench", "info": "bench", "misalign": "study", "cmcr": "study"}
 
 
 def build_parser() -> argparse.ArgumentParser:
