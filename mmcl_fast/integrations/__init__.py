@@ -1,0 +1,1 @@
+"""Integrations with training frameworks: `open_clip_train` (python -m mmcl_fast.integrations.open_clip_train)."""
