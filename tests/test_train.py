@@ -164,8 +164,9 @@ def test_activation_checkpointing_with_patch_dropout():
     assert_grads_close(grads, ref_grads, GRAD_CACHE_RTOL[torch.float64], "with activation checkpointing")
 
 
-@pytest.mark.parametrize("loss_name", ["mmcl_fast-clip", "open_clip-clip"])
-def test_autocast_bf16_matches_chunked_autograd_under_autocast(loss_name):
+@pytest.mark.parametrize("loss_name,where", [("mmcl_fast-clip", "argument"), ("open_clip-clip", "argument"),
+                                             ("mmcl_fast-clip", "ambient")])
+def test_autocast_bf16_matches_chunked_autograd_under_autocast(loss_name, where):
     """Both steps encode in bf16 under autocast, one autocast region per chunk.
 
     (In one region autocast casts each weight to bf16 once and autograd sums the chunks' weight gradients in bf16
@@ -188,9 +189,14 @@ def test_autocast_bf16_matches_chunked_autograd_under_autocast(loss_name):
         return loss.detach()
 
     _, ref_grads, _ = run_with_seed(2, reference, model)
-    _, grads, _ = run_with_seed(2, lambda: grad_cached_step(model, images, texts, loss_fn, CHUNK, autocast=amp),
-                                model)
-    assert_grads_close(grads, ref_grads, GRAD_CACHE_RTOL[torch.float32], f"bf16 autocast {loss_name}")
+    def cached():
+        if where == "argument":
+            return grad_cached_step(model, images, texts, loss_fn, CHUNK, autocast=amp)
+        with amp():  # one region around the whole step: autocast's weight-cast cache must not leak across passes
+            return grad_cached_step(model, images, texts, loss_fn, CHUNK)
+
+    _, grads, _ = run_with_seed(2, cached, model)
+    assert_grads_close(grads, ref_grads, GRAD_CACHE_RTOL[torch.float32], f"bf16 autocast ({where}) {loss_name}")
 
 
 def test_grad_scaler_scales_the_cached_gradients():
