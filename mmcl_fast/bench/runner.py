@@ -138,7 +138,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _record(loss: str, impl: str, n: int, d: int, dtype: str, device: str, estimate: int,
             world_size: int = 1) -> dict:
     return {"loss": loss, "impl": impl, "n": n, "m": n, "d": d, "dtype": dtype, "device": device,
-            "world_size": world_size, "input_mib": None, "status": "skipped", "seconds": None, "first_seconds": None, "repeats": 0, "peak_mib": None,
+            "world_size": world_size, "input_mib": None, "status": "skipped", "seconds": None,
+            "first_seconds": None, "repeats": 0, "peak_mib": None,
             "estimated_mib": round(estimate / MIB, 1), "rel_err": None, "loss_value": None,
             "reference_loss": None, "gflops": None, "ceiling_frac": None, "speedup": None,
             "memory_ratio": None, "over_budget": False, "note": None}

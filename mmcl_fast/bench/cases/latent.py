@@ -278,7 +278,8 @@ def _latent_loss(name, description, make_inputs, params, reference, flops, mmcl_
 BRIDGE = _latent_loss(
     "bridge", f"contrastive Brownian-bridge loss, scalar t = {BRIDGE_T} (Jiang et al. 2023, Wang et al. 2022)",
     _bridge_inputs, {"t": BRIDGE_T}, _bridge_reference, lambda n, m, d: 6 * n * m * d,
-    _mmcl_fast_impl(_mmcl_bridge, "brownian_bridge_loss(mode='contrastive')", 3), _dense_impl(dense_bridge, ("image", "text", "augmented", "t"), 5))
+    _mmcl_fast_impl(_mmcl_bridge, "brownian_bridge_loss(mode='contrastive')", 3),
+    _dense_impl(dense_bridge, ("image", "text", "augmented", "t"), 5))
 BRIDGE_PER_SAMPLE_T = _latent_loss(
     "bridge_per_sample_t", "contrastive Brownian-bridge loss with per-sample positions t_i (differentiable)",
     _bridge_t_inputs, {}, _bridge_t_reference, lambda n, m, d: 6 * n * m * (2 * d + 3),
@@ -297,4 +298,5 @@ SEPARATION = _latent_loss(
 GEOMETRY = _latent_loss(
     "geometry", "geometric consistency L_GC + L^a_GC (both augmented views), exact through D x D Grams",
     _geometry_inputs, {}, _geometry_reference, lambda n, m, d: 36 * n * d * d,
-    _mmcl_fast_impl(_mmcl_geometry, "geometric_consistency_loss", 4), _dense_impl(dense_geometry, ("image", "text", "image_aug", "text_aug"), 7))
+    _mmcl_fast_impl(_mmcl_geometry, "geometric_consistency_loss", 4),
+    _dense_impl(dense_geometry, ("image", "text", "image_aug", "text_aug"), 7))

@@ -172,7 +172,8 @@ SIGLIP = register_loss(LossBench(
                           _open_clip_step, _open_clip_bytes, _open_clip_unavailable, dense=True,
                           make_dist_step=_open_clip_dist_step),
         "open_clip_chunked": Impl("open_clip_chunked",
-                                  f"open_clip.loss.SigLipLoss(chunk_size={OPEN_CLIP_CHUNK_ROWS}) (N x N under autograd)",
+                                  f"open_clip.loss.SigLipLoss(chunk_size={OPEN_CLIP_CHUNK_ROWS}) "
+                                  "(N x N under autograd)",
                                   _open_clip_chunked_step, _open_clip_bytes, _open_clip_chunked_unavailable,
                                   dense=True,
                                   make_dist_step=_open_clip_chunked_dist_step),
