@@ -31,7 +31,7 @@ from .._validate import check_feature, check_features
 MEMORY_TEMPERATURE = 0.01  # τ1 of the paper: the softmax over the memory
 NOISE_VARIANCE = 0.004     # σ² of the paper's Gaussian noise injection
 METHODS = ("primitive", "sdpa")
-_TILE_ELEMENTS = 1 << 22   # one fp32 (row block x memory block) tile of the value sweep: 16 MiB
+_TILE_ELEMENTS = 1 << 20   # one fp32 (row block x memory block) tile of the value sweep: 4 MiB
 
 
 def _check_temperature(temperature) -> float:
