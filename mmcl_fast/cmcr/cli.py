@@ -81,7 +81,7 @@ def run(args) -> int:
     from .plot import figure
     from .study import run_study
 
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # the table needs ~100 columns, also when piped
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = args.threads if args.threads is not None else PRESETS[preset]["threads"]

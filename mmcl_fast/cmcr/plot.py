@@ -37,19 +37,20 @@ def figure(results: dict, path: str | Path) -> Path:
     chance = variants[names[0]]["a_to_c"]["chance_r1"]
     ax.axhline(chance, color="black", lw=0.8, ls=":", label=f"chance R@1 ({chance:.3f})")
     ax.set_xticks(x, [LABELS[n] for n in names], fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.12)
     ax.set_ylabel("A→C retrieval (held-out triples)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", ncol=4, frameon=False)
     n_test = variants[names[0]]["a_to_c"]["n"]
     ax.set_title(f"A and C were never paired: A→C retrieval among {n_test} test items", fontsize=9)
 
     before = results["modality_gap"]["before"]
     after = results["modality_gap"]["after"]
-    labels = ["space 1\nA–B", "space 2\nB–C"] + [f"{LABELS[n]}\nA–C" for n in names]
+    labels = ["space 1: A–B", "space 2: B–C"] + [f"{LABELS[n]}: A–C".replace("\n", " ").replace("- ", "")
+                                                   for n in names]
     values = [before["space_ab_a_b"], before["space_bc_b_c"]] + [after[n]["a_c"] for n in names]
     colors = ["tab:gray", "tab:gray"] + ["tab:blue"] * len(names)
     gap_ax.bar(np.arange(len(values)), values, color=colors)
-    gap_ax.set_xticks(np.arange(len(values)), labels, fontsize=6.5)
+    gap_ax.set_xticks(np.arange(len(values)), labels, fontsize=7, rotation=35, ha="right")
     gap_ax.set_ylabel("modality gap ||mean(x̂) − mean(ŷ)||")
     gap_ax.set_title("gap before (gray: the frozen spaces) and after (blue: connected)", fontsize=9)
     fig.tight_layout()
