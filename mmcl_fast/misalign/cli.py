@@ -237,10 +237,13 @@ def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seed
                   f"lr {train_cfg.lr:g}, backend {train_cfg.backend}, device {device}")
     parallel = args.jobs > 1 and len(seeds) > 1
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+
     def on_seed(result: dict) -> None:
-        check = {name: result["image"]["nonlinear"][name] for name in ("s_inv",)}
+        # each seed is kept as it finishes, so an interrupted multi-seed run leaves what it measured
+        (out_dir / f"seed_{result['seed']}.json").write_text(json.dumps(result, indent=1) + "\n")
         console.print(f"  seed {result['seed']}: train {result['train_s']:.0f} s, eval {result['eval_s']:.0f} s, "
-                      f"image non-linear R² of the invariant block {check['s_inv']:.3f}")
+                      f"image non-linear R² of the invariant block {result['image']['nonlinear']['s_inv']:.3f}")
 
     with _progress(console, train_cfg.steps * len(seeds), disable=args.no_progress or parallel) as bar:
         results = run_study(bias, train_cfg, eval_cfg, seeds=seeds, device=device, mixer=args.mixer,
@@ -248,7 +251,6 @@ def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seed
                             on_step=None if parallel else bar.on_step,
                             on_seed=lambda result: (bar.next_seed(), on_seed(result)),
                             extra_config={"quick": bool(args.quick), **(extra or {})})
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     title = setting_label(results["config"]).replace("\n", "  ") + f"  {train_cfg.objective}, mean of {len(seeds)}"
     columns = [("image\nnon-linear", results["r2"]["nonlinear"]), ("image\nlinear", results["r2"]["linear"]),

@@ -10,7 +10,8 @@ backend="reference"):
 - objective="lpsimclr": the LpSimCLR loss of the paper's code (p = 2, α = ½, positive kept in the denominator).
   A second fresh batch (x', t') supplies negatives of the anchor's own modality, and the positive sits inside a
   log-mean-exp over B + 1 terms:
-      ℓ_x(i) = d_i / τ + log [ (exp(-d_i / τ) + Σ_j exp(-||z_x_i - z_x'_j||² / τ)) / (B + 1) ],  d_i = ||z_x_i - z_t_i||²
+      ℓ_x(i) = d_i / τ + log [ (exp(-d_i / τ) + Σ_j exp(-||z_x_i - z_x'_j||² / τ)) / (B + 1) ],
+      d_i = ||z_x_i - z_t_i||²,
   and L = ½ [mean_i ℓ_x(i) + mean_i ℓ_t(i)] with ℓ_t built the same way from z_t, z_x and t'. The sum over j is
   `mmcl_fast.affine_lse` of the affine form -||a - b||² = 2<a, b> - ||a||² - ||b||²; the positive is joined with
   one logaddexp. Each step encodes two batches per encoder (twice the encoder work of "clip").
@@ -104,7 +105,7 @@ def contrastive_loss(z_x: torch.Tensor, z_t: torch.Tensor, tau: float, backend: 
 
 def _lpsimclr_direction(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
                         backend: str) -> torch.Tensor:
-    """mean_i [ d_i/τ + log-mean-exp({-d_i/τ} ∪ {-||anchor_i - negatives_j||²/τ}_j) ], d_i = ||anchor_i - positive_i||²."""
+    """mean_i [d_i/τ + log-mean-exp({-d_i/τ} ∪ {-||anchor_i - negatives_j||²/τ}_j)], d_i = ||anchor_i - positive_i||²."""
     anchor_sq = (anchor * anchor).sum(1)
     negative_sq = (negatives * negatives).sum(1)
     negative_lse, _ = affine_lse(anchor, negatives, scale=2.0 / tau, row_bias=-anchor_sq / tau,
