@@ -11,9 +11,10 @@ SUBCOMMANDS = {
     "info": "mmcl_fast.bench.info",
     "misalign": "mmcl_fast.misalign.cli",
     "cmcr": "mmcl_fast.cmcr.cli",
+    "train": "mmcl_fast.train.cli",
 }
 # The extra that brings each subcommand's optional dependencies (pyproject.toml); the core needs none of them.
-EXTRAS = {"bench": "bench", "info": "bench", "misalign": "study", "cmcr": "study"}
+EXTRAS = {"bench": "bench", "info": "bench", "misalign": "study", "cmcr": "study", "train": "train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
