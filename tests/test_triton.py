@@ -96,6 +96,27 @@ INFONCE_CASES = [
          symmetric=False, row_scale=False),
 ]
 
+def _siglip(id, n, m, d, dtype="float32", scale=10.0, bias=-10.0, positives="diagonal", **options):
+    """A siglip_loss case; positives: "diagonal", "labels" (per-text image labels) or "pairs" (random pairs);
+    options: chunk_mb (staged-G budget), no_grad (forward only)."""
+    return dict(id=id, kind="siglip", n=n, m=m, d=d, dtype=dtype, scale=scale, bias=bias, positives=positives,
+                **options)
+
+
+SIGLIP_CASES = [
+    _siglip("sig-n1-d3", 1, 1, 3),
+    _siglip("sig-n65-d37", 65, 65, 37),
+    _siglip("sig-extreme-40-d16", 40, 40, 16, scale=100.0, bias=-20.0),
+    _siglip("sig-labels-33x70-d20", 33, 70, 20, positives="labels", bias=-5.0),
+    _siglip("sig-pairs-50x45-d8", 50, 45, 8, positives="pairs"),
+    _siglip("sig-chunks-129x65-d20", 129, 65, 20, positives="labels", chunk_mb=0.004),
+    _siglip("sig-chunks-tall-200x24-d16", 200, 24, 16, positives="pairs", chunk_mb=0.004),
+    _siglip("sig-bf16-65-d64", 65, 65, 64, dtype="bfloat16"),
+    _siglip("sig-bf16-chunks-65x40-d37", 65, 40, 37, dtype="bfloat16", positives="labels", chunk_mb=0.003),
+    _siglip("sig-fp16-rect-20x50-d64", 20, 50, 64, dtype="float16", positives="labels", scale=30.0, bias=2.0),
+    _siglip("sig-nograd-70x33-d20", 70, 33, 20, positives="labels", no_grad=True),
+]
+
 DETERMINISM_CASE = _clip("determinism-97x80-d33", 97, 80, 33, labels=True, bias=0.5, smoothing=0.1,
                          chunk_mb=0.004)
 
@@ -124,6 +145,14 @@ def make_inputs(case) -> dict:
         if case["labels"]:
             inputs["image_labels"] = torch.randint(0, m, (n,), generator=gen)
             inputs["text_labels"] = torch.randint(0, n, (m,), generator=gen)
+        return inputs
+    if case["kind"] == "siglip":
+        inputs = dict(x=_unit(n, d, dtype, gen), y=_unit(m, d, dtype, gen))
+        if case["positives"] == "labels":
+            inputs["positives"] = torch.randint(0, n, (m,), generator=gen)
+        elif case["positives"] == "pairs":
+            inputs["positives"] = torch.stack([torch.randint(0, n, (3 * n,), generator=gen),
+                                               torch.randint(0, m, (3 * n,), generator=gen)], 1)
         return inputs
     if case["kind"] == "lse":
         # |L| up to ~150: per-row scale in [0.5, 100] and biases of spread 10 (fp32 logits carry ~|L| 2^-24)
@@ -174,6 +203,16 @@ def _run_case(case, inputs) -> dict:
             if bias is not None:
                 out["dbias"] = bias.grad
             return out
+        if case["kind"] == "siglip":
+            x = inputs["x"].clone().requires_grad_(not case.get("no_grad"))
+            y = inputs["y"].clone().requires_grad_(not case.get("no_grad"))
+            scale = torch.tensor(case["scale"], requires_grad=not case.get("no_grad"))
+            bias = torch.tensor(case["bias"], requires_grad=not case.get("no_grad"))
+            loss = mmcl_fast.siglip_loss(x, y, scale, bias, positives=inputs.get("positives"), backend="triton")
+            if case.get("no_grad"):
+                return dict(loss=loss.detach())
+            loss.backward()
+            return dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dscale=scale.grad, dbias=bias.grad)
         if case["kind"] == "lse":
             leaves = {k: inputs[k].clone().requires_grad_() for k in ("x", "y", "scale", "row_bias", "col_bias")}
             row_lse, col_lse = _ops.affine_lse(leaves["x"], leaves["y"], leaves["scale"], leaves["row_bias"],
@@ -208,7 +247,7 @@ def _interpreted_case(case, inputs) -> dict:
 # the parent: one child for every interpreter case, then float64 references per test
 # ---------------------------------------------------------------------------------------------------------------
 
-ALL_CASES = CLIP_CASES + LSE_CASES + INFONCE_CASES + [DETERMINISM_CASE]
+ALL_CASES = CLIP_CASES + LSE_CASES + INFONCE_CASES + SIGLIP_CASES + [DETERMINISM_CASE]
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +295,35 @@ def test_clip_loss_matches_reference_interpreted(interpreted, case):
     check_clip(_ours(interpreted, case), inputs["x"], inputs["y"], case["scale"], case["bias"],
                inputs.get("image_labels"), inputs.get("text_labels"), case["smoothing"], DTYPES[case["dtype"]],
                case.get("loss_weight", 1.0))
+
+
+@pytest.mark.parametrize("case", SIGLIP_CASES, ids=[c["id"] for c in SIGLIP_CASES])
+def test_siglip_loss_matches_reference_interpreted(interpreted, case):
+    """The sigmoid epilogue of the shared sweep (one fused forward + backward) against the float64 dense loss."""
+    from test_siglip import dense_signs
+    inputs = make_inputs(case)
+    ours = _ours(interpreted, case)
+    dtype = DTYPES[case["dtype"]]
+    xr = inputs["x"].double().requires_grad_()
+    yr = inputs["y"].double().requires_grad_()
+    sr = torch.tensor(case["scale"], dtype=torch.float64, requires_grad=True)
+    br = torch.tensor(case["bias"], dtype=torch.float64, requires_grad=True)
+    z = dense_signs(case["n"], case["m"], inputs.get("positives"))
+    logits = sr * xr @ yr.T + br
+    ref = -F.logsigmoid(z * logits).sum() / case["n"]
+    assert ours["loss"].dtype == torch.float32
+    assert_rel_close(ours["loss"], ref, LOSS_RTOL[dtype], "loss")
+    if case.get("no_grad"):
+        return
+    ref.backward()
+    assert ours["dx"].dtype == dtype and ours["dy"].dtype == dtype
+    assert_rel_close(ours["dx"], xr.grad, GRAD_RTOL[dtype], "d image_features")
+    assert_rel_close(ours["dy"], yr.grad, GRAD_RTOL[dtype], "d text_features")
+    with torch.no_grad():  # the scalar gradients sum terms of both signs: measured against their magnitudes
+        weights = torch.sigmoid(-z * logits) / case["n"]
+        sims = (xr @ yr.T).abs()
+    assert_rel_close(ours["dscale"], sr.grad, GRAD_RTOL[dtype], "d logit_scale", floor=(weights * sims).sum().item())
+    assert_rel_close(ours["dbias"], br.grad, GRAD_RTOL[dtype], "d logit_bias", floor=weights.sum().item())
 
 
 @pytest.mark.parametrize("case", LSE_CASES, ids=[c["id"] for c in LSE_CASES])
@@ -401,11 +469,13 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     forward_shapes = lse._FORWARD_SHAPES[lse.shape_group(torch_dtype, precision, lse._FORWARD_SHAPES)]
     grad_shapes = lse._GRAD_SHAPES[lse.shape_group(torch_dtype, precision, lse._GRAD_SHAPES)]
+    sigmoid_shapes = lse._SIGMOID_SHAPES[lse.shape_group(torch_dtype, precision, lse._SIGMOID_SHAPES)]
     gemm_shapes = matmul._HALF_SHAPES if half else (matmul._TF32_SHAPES if dtype == "tf32x3" else matmul._FP32_SHAPES)
     key = lambda c, a, b: (c.kwargs[a], c.kwargs[b], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
     tile_configs = {key(c, "BLOCK_N", "BLOCK_M"): c for c in lse._tile_configs()}
     gemm_configs = [c for c in matmul._gemm_configs() if key(c, "BLOCK_R", "BLOCK_C") in gemm_shapes]
-    assert set(forward_shapes) | set(grad_shapes) <= set(tile_configs) and len(gemm_configs) == len(gemm_shapes)
+    assert set(forward_shapes) | set(grad_shapes) | set(sigmoid_shapes) <= set(tile_configs)
+    assert len(gemm_configs) == len(gemm_shapes)
     features = dict(_FEATURE_ARGS, x_ptr="*" + feature, y_ptr="*" + feature)
     ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
     forward_types = dict(features, row_max_ptr="*fp32", row_sum_ptr="*fp32", col_max_ptr="*fp32",
@@ -413,7 +483,7 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
     grad_types = dict(features, row_lse_ptr="*fp32", col_lse_ptr="*fp32", grad_row_ptr="*fp32",
                       grad_col_ptr="*fp32", row_const_ptr="*fp32", col_const_ptr="*fp32", row_target_ptr="*i64",
                       row_target_grad_ptr="*fp32", col_target_ptr="*i64", col_target_grad_ptr="*fp32",
-                      g_ptr="*" + g_dtype, row_part_ptr="*fp32", col_part_ptr="*fp32", g_scale_ptr="*fp32",
+                      pos_ptr="*i64", POS_WIDTH="i32", g_ptr="*" + g_dtype, row_part_ptr="*fp32", col_part_ptr="*fp32", g_scale_ptr="*fp32",
                       **ints("row0", "col0", "n_rows", "n_cols", "D", "stride_x", "stride_y", "CHUNK_N", "CHUNK_M",
                              "G_STRIDE", "row_slots", "col_slots", "N_CLASS", "M_CLASS"))
     gemm_types = dict(a_ptr="*" + g_dtype, b_ptr="*" + g_dtype, out_ptr="*fp32", alpha_ptr="*fp32",
@@ -425,8 +495,14 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
             NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), tile_configs[shape])
     for shape in grad_shapes:
         builds[f"gradient tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
-            HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True, HAS_ROW_TARGET=True,
-            HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT), tile_configs[shape])
+            EPILOGUE=0, GRADS=True, HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True,
+            HAS_ROW_TARGET=True, HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT),
+            tile_configs[shape])
+    for shape in sigmoid_shapes:
+        builds[f"sigmoid tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
+            EPILOGUE=1, GRADS=True, HAS_ROW=False, HAS_COL=False, HAS_ROW_CONST=False, HAS_COL_CONST=False,
+            HAS_ROW_TARGET=False, HAS_COL_TARGET=False, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT),
+            tile_configs[shape])
     for config in gemm_configs:
         shape = key(config, "BLOCK_R", "BLOCK_C")
         for name, layout in (("dX GEMM", dict(stride_ak=1)), ("dY GEMM", dict(stride_ar=1))):
@@ -645,3 +721,35 @@ def test_first_call_at_one_million_rows_tunes_on_a_corner_gpu():
         times.append(time.perf_counter() - start)
     print(f"N=2^20 bf16 D=256 fwd+bwd: first call {times[0]:.1f} s, second {times[1]:.1f} s")
     assert times[0] < times[1] + 120.0, f"first call {times[0]:.0f} s: autotuning on the full problem?"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,m,d,positives", [(8192, 8192, 512, "diagonal"), (3000, 9001, 768, "labels")])
+def test_siglip_matches_reference_gpu(dtype, n, m, d, positives):
+    """The fused sigmoid sweep on tensor cores at real sizes against the float64 dense loss (on the GPU)."""
+    import mmcl_fast
+    from test_siglip import dense_signs
+    torch.manual_seed(n + m)
+    x, y = _cuda_unit(n, d, dtype), _cuda_unit(m, d, dtype)
+    labels = torch.randint(0, n, (m,), device="cuda") if positives == "labels" else None
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    s = torch.tensor(10.0, device="cuda", requires_grad=True)
+    b = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    loss = mmcl_fast.siglip_loss(xs, ys, s, b, positives=labels)  # auto: triton on CUDA
+    loss.backward()
+    xr, yr = x.double().requires_grad_(), y.double().requires_grad_()
+    sr = torch.tensor(10.0, device="cuda", dtype=torch.float64, requires_grad=True)
+    br = torch.tensor(-10.0, device="cuda", dtype=torch.float64, requires_grad=True)
+    z = dense_signs(n, m, None if labels is None else labels.cpu()).cuda()
+    logits = sr * xr @ yr.T + br
+    ref = -F.logsigmoid(z * logits).sum() / n
+    ref.backward()
+    assert_rel_close(loss, ref, LOSS_RTOL[dtype], "loss")
+    assert_rel_close(xs.grad, xr.grad, GRAD_RTOL[dtype], "d image_features")
+    assert_rel_close(ys.grad, yr.grad, GRAD_RTOL[dtype], "d text_features")
+    with torch.no_grad():
+        weights = torch.sigmoid(-z * logits) / n
+        floor_s = (weights * (xr @ yr.T).abs()).sum().item()
+    assert_rel_close(s.grad, sr.grad, GRAD_RTOL[dtype], "d logit_scale", floor=floor_s)
+    assert_rel_close(b.grad, br.grad, GRAD_RTOL[dtype], "d logit_bias", floor=weights.sum().item())

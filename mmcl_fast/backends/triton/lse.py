@@ -1,4 +1,11 @@
-"""Triton kernels of the streamed-LSE primitive (SPEC §1): row/column LSE forward and the fused gradient tiles.
+"""Triton kernels of the fused primitive (SPEC §1, §8): row/column LSE forward, and one chunked tile sweep whose
+epilogue turns each similarity tile into gradient weights: the LSE backward's (below) or the sigmoid loss's.
+
+The sweep (`_sweep`, `_grad_tile_kernel`) is shared: each tile of X Y^T is computed once, an epilogue
+(`_lse_epilogue`, `_sigmoid_epilogue`) makes its gradient weights G (and, for the sigmoid, its loss terms), G is
+staged for a bounded chunk and dX += G Y, dY += G^T X run as two GEMMs over the chunk. The sigmoid loss
+(`sigmoid_loss`) needs no statistics of the whole row or column, so its forward and backward are this one sweep:
+3 GEMM-equivalents with gradients, 1 without.
 
 The logits are ``L_ij = a_i <x_i, y_j> + r_i + c_j``. Forward returns ``row_lse_i = log sum_j exp L_ij`` and
 ``col_lse_j = log sum_i exp L_ij``; backward turns the upstream gradients of those LSEs into
@@ -51,13 +58,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._problem import Affine
+from ..._problem import Affine, Gradients
 
 from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
@@ -84,6 +92,14 @@ _GRAD_SHAPES = {
     "fp32": [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
     "tf32": [(128, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
 }
+# The sigmoid epilogue keeps its sign mask and softplus terms live next to G: 128 x 128 tiles spill on sm_90 for
+# 16-bit and TF32 features, so it keeps the grad kernel's smaller shapes.
+_SIGMOID_SHAPES = {
+    "bf16": [(64, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
+    "fp16": [(64, 128, 64, 4, 4), (64, 128, 64, 4, 3)],
+    "fp32": [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)],
+    "tf32": [(64, 64, 32, 8, 3)],
+}
 
 
 def _tile_configs():
@@ -91,8 +107,8 @@ def _tile_configs():
         # Small tiles so that the CPU tests cover several tiles, edges and every split of the grid.
         shapes = [(16, 32, 16, 4, 1)]
     else:
-        shapes = sorted({shape for table in (_FORWARD_SHAPES, _GRAD_SHAPES) for group in table.values()
-                         for shape in group})
+        tables = (_FORWARD_SHAPES, _GRAD_SHAPES, _SIGMOID_SHAPES)
+        shapes = sorted({shape for table in tables for group in table.values() for shape in group})
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bm, bk, w, s in shapes]
 
@@ -105,10 +121,11 @@ def shape_group(dtype: torch.dtype, input_precision: str, table: dict) -> str:
     return "tf32" if input_precision.startswith("tf32") else "fp32"
 
 
-def _prune_for(table: dict):
+def _prune_for(table: dict, epilogue_tables: dict | None = None):
     def prune(configs, named_args, **kwargs):
-        """Keep the shapes meant for this kernel and feature type (the autotuner times only those)."""
-        wanted = table[shape_group(named_args["x_ptr"].dtype, kwargs.get("INPUT_PRECISION", ""), table)]
+        """Keep the shapes meant for this kernel, epilogue and feature type (the autotuner times only those)."""
+        chosen = (epilogue_tables or {}).get(kwargs.get("EPILOGUE"), table)
+        wanted = chosen[shape_group(named_args["x_ptr"].dtype, kwargs.get("INPUT_PRECISION", ""), chosen)]
         keep = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps,
                                        c.num_stages) in wanted]
         if os.environ.get("MMCL_FAST_TRITON_AUTOTUNE", "1") == "0":  # pinned: bit-identical across processes
@@ -238,46 +255,16 @@ def _lse_partials_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
                 tl.store(row_sum_ptr + slot, tl.zeros((BLOCK_N,), tl.float32), mask=row_ok)
 
 
-@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_for(_GRAD_SHAPES)})
 @triton.jit
-def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
-                      row_lse_ptr, col_lse_ptr, grad_row_ptr, grad_col_ptr,
-                      row_const_ptr, col_const_ptr, row_target_ptr, row_target_grad_ptr,
-                      col_target_ptr, col_target_grad_ptr,
-                      g_ptr, row_part_ptr, col_part_ptr,
-                      row0, col0, n_rows, n_cols, D, stride_x, stride_y, g_scale_ptr,
-                      CHUNK_N, CHUNK_M, G_STRIDE, row_slots, col_slots, N_CLASS, M_CLASS,
-                      HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_ROW_CONST: tl.constexpr,
-                      HAS_COL_CONST: tl.constexpr, HAS_ROW_TARGET: tl.constexpr, HAS_COL_TARGET: tl.constexpr,
-                      UPCAST: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, SLOT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One tile of the chunk [row0, row0 + n_rows) x [col0, col0 + n_cols): G recomputed once.
-
-    G_ij = grad_row_i exp(L_ij - row_lse_i) + grad_col_j exp(L_ij - col_lse_j) + row_const_i + col_const_j
-    + row_target_grad_i [j = row_target_i] + col_target_grad_j [i = col_target_j] (each term optional).
-
-    Stores g_scale * a_i * G_ij into the (CHUNK_N, CHUNK_M) staging buffer, and the tile's partial sums
-    sum_j G_ij <x_i,y_j>, sum_j G_ij (row_part[0/1, column slot, i]) and sum_i G_ij (col_part[row slot, j]).
-    A tile wider than one slot writes its sum to its first slot and zeros to the others.
-    """
-    tile_n = tl.program_id(0)
-    tile_m = tl.program_id(1)
-    local_rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    local_cols = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local_rows < n_rows
-    col_ok = local_cols < n_cols
-    rows = row0 + local_rows.to(tl.int64)
-    cols = col0 + local_cols.to(tl.int64)
-    sim = _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
-                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-    row_bias = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0)
-    col_bias = tl.load(col_bias_ptr + cols, mask=col_ok, other=0.0)
+def _lse_epilogue(sim, scale, row_bias, col_bias, rows, cols, row_ok, col_ok,
+                  row_lse_ptr, col_lse_ptr, grad_row_ptr, grad_col_ptr, row_const_ptr, col_const_ptr,
+                  row_target_ptr, row_target_grad_ptr, col_target_ptr, col_target_grad_ptr,
+                  HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_ROW_CONST: tl.constexpr,
+                  HAS_COL_CONST: tl.constexpr, HAS_ROW_TARGET: tl.constexpr, HAS_COL_TARGET: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Gradient weights of a linear function of the row / column LSEs plus the folded linear terms (fp32)."""
     # L - lse as one fma of the exact product a_i <x_i,y_j> with the bias-minus-lse term: the large parts cancel
     # inside the fma, so exp(L - lse) carries about one rounding of |L| instead of four.
-    valid = row_ok[:, None] & col_ok[None, :]
     grad = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if HAS_ROW:
         row_lse = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0)
@@ -303,29 +290,123 @@ def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
         target = tl.load(col_target_ptr + cols, mask=col_ok, other=-1)
         target_grad = tl.load(col_target_grad_ptr + cols, mask=col_ok, other=0.0)
         grad += tl.where(rows[:, None] == target[None, :], target_grad[None, :], 0.0)
+    return grad
+
+
+@triton.jit
+def _log1p_unit(e):
+    """log1p(e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, odd series to s^17 (relative error < 2e-9;
+    exact for tiny e, where log(1 + e) would round 1 + e)."""
+    s = e / (2.0 + e)
+    t = s * s
+    poly = 1.0 / 17.0
+    poly = poly * t + 1.0 / 15.0
+    poly = poly * t + 1.0 / 13.0
+    poly = poly * t + 1.0 / 11.0
+    poly = poly * t + 1.0 / 9.0
+    poly = poly * t + 1.0 / 7.0
+    poly = poly * t + 1.0 / 5.0
+    poly = poly * t + 1.0 / 3.0
+    poly = poly * t + 1.0
+    return 2.0 * s * poly
+
+
+@triton.jit
+def _sigmoid_epilogue(sim, scale, row_bias, col_bias, rows, cols, row_ok, pos_ptr, POS_WIDTH):
+    """(G, loss terms) of the sigmoid loss: u = -z L, softplus(u) = max(u, 0) + log1p(e) and
+    G = -z sigmoid(u) = -z (u >= 0 ? 1 / (1 + e) : e / (1 + e)) with e = exp(-|u|): no overflow, no cancellation."""
+    logit = tl.fma(sim, scale[:, None], row_bias[:, None] + col_bias[None, :])
+    positive = tl.zeros(logit.shape, dtype=tl.int1)
+    for k in range(POS_WIDTH):
+        col_k = tl.load(pos_ptr + rows * POS_WIDTH + k, mask=row_ok, other=-1)
+        positive = positive | (cols[None, :] == col_k[:, None])
+    sign = tl.where(positive, -1.0, 1.0)
+    u = sign * logit
+    e = tl.exp2(-tl.abs(u) * _LOG2E)
+    loss_terms = tl.maximum(u, 0.0) + _log1p_unit(e)
+    inv = 1.0 / (1.0 + e)
+    grad = sign * tl.where(u >= 0.0, inv, e * inv)
+    return grad, loss_terms
+
+
+@triton.autotune(configs=_tile_configs(), key=["D", "N_CLASS", "M_CLASS", "INPUT_PRECISION", "EPILOGUE", "GRADS"],
+                 prune_configs_by={"early_config_prune": _prune_for(_GRAD_SHAPES, {1: _SIGMOID_SHAPES})})
+@triton.jit
+def _grad_tile_kernel(x_ptr, y_ptr, scale_ptr, row_bias_ptr, col_bias_ptr,
+                      row_lse_ptr, col_lse_ptr, grad_row_ptr, grad_col_ptr,
+                      row_const_ptr, col_const_ptr, row_target_ptr, row_target_grad_ptr,
+                      col_target_ptr, col_target_grad_ptr, pos_ptr, POS_WIDTH,
+                      g_ptr, row_part_ptr, col_part_ptr,
+                      row0, col0, n_rows, n_cols, D, stride_x, stride_y, g_scale_ptr,
+                      CHUNK_N, CHUNK_M, G_STRIDE, row_slots, col_slots, N_CLASS, M_CLASS,
+                      EPILOGUE: tl.constexpr, GRADS: tl.constexpr,
+                      HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, HAS_ROW_CONST: tl.constexpr,
+                      HAS_COL_CONST: tl.constexpr, HAS_ROW_TARGET: tl.constexpr, HAS_COL_TARGET: tl.constexpr,
+                      UPCAST: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, SLOT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the chunk [row0, row0 + n_rows) x [col0, col0 + n_cols) of the shared sweep: the similarity
+    tile is computed once and handed to an epilogue that returns the gradient weights G (and loss terms).
+
+    EPILOGUE == 0 (LSE, `_lse_epilogue`): G_ij = grad_row_i exp(L_ij - row_lse_i) + grad_col_j exp(L_ij - col_lse_j)
+    + row_const_i + col_const_j + row_target_grad_i [j = row_target_i] + col_target_grad_j [i = col_target_j].
+    EPILOGUE == 1 (sigmoid, `_sigmoid_epilogue`): G_ij = -z_ij sigmoid(-z_ij L_ij) and the loss terms
+    softplus(-z_ij L_ij), z = +1 where j is one of row i's POS_WIDTH positive columns (pos_ptr, -1 padded).
+
+    With GRADS, stores g_scale * a_i * G_ij into the (CHUNK_N, CHUNK_M) staging buffer and the tile's partial sums
+    sum_j G_ij <x_i,y_j>, sum_j G_ij (row_part[0/1, column slot, i]) and sum_i G_ij (col_part[row slot, j]); the
+    sigmoid epilogue also writes sum_j softplus (row_part[2, column slot, i]). A tile wider than one slot writes its
+    sum to its first slot and zeros to the others.
+    """
+    tile_n = tl.program_id(0)
+    tile_m = tl.program_id(1)
+    local_rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local_rows < n_rows
+    col_ok = local_cols < n_cols
+    rows = row0 + local_rows.to(tl.int64)
+    cols = col0 + local_cols.to(tl.int64)
+    sim = _similarity_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, INPUT_PRECISION)
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    row_bias = tl.load(row_bias_ptr + rows, mask=row_ok, other=0.0)
+    col_bias = tl.load(col_bias_ptr + cols, mask=col_ok, other=0.0)
+    valid = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE == 0:
+        grad = _lse_epilogue(sim, scale, row_bias, col_bias, rows, cols, row_ok, col_ok,
+                             row_lse_ptr, col_lse_ptr, grad_row_ptr, grad_col_ptr, row_const_ptr, col_const_ptr,
+                             row_target_ptr, row_target_grad_ptr, col_target_ptr, col_target_grad_ptr,
+                             HAS_ROW, HAS_COL, HAS_ROW_CONST, HAS_COL_CONST, HAS_ROW_TARGET, HAS_COL_TARGET,
+                             BLOCK_N, BLOCK_M)
+    else:
+        grad, loss_terms = _sigmoid_epilogue(sim, scale, row_bias, col_bias, rows, cols, row_ok, pos_ptr, POS_WIDTH)
+        row_loss = tl.sum(tl.where(valid, loss_terms, 0.0), axis=1)
     # Padding lanes may hold inf * 0 = NaN: select, do not multiply.
     grad = tl.where(valid, grad, 0.0)
 
-    g_scale = tl.load(g_scale_ptr)
-    g_ptrs = g_ptr + local_rows.to(tl.int64)[:, None] * G_STRIDE + local_cols[None, :]
-    tl.store(g_ptrs, (grad * (scale * g_scale)[:, None]).to(g_ptr.dtype.element_ty), mask=valid)
-
     # Partial reductions, written into slots so the buffer layout is independent of the tile shape.
-    row_dscale = tl.sum(grad * sim, axis=1)
-    row_dbias = tl.sum(grad, axis=1)
-    col_dbias = tl.sum(grad, axis=0)
     col_slot = tile_m * (BLOCK_M // SLOT) + tl.arange(0, BLOCK_M // SLOT)
     first_col_slot = (tl.arange(0, BLOCK_M // SLOT) == 0)[:, None]
     row_part_ptrs = row_part_ptr + col_slot.to(tl.int64)[:, None] * CHUNK_N + local_rows[None, :]
     row_part_mask = (col_slot < col_slots)[:, None] & row_ok[None, :]
-    tl.store(row_part_ptrs, tl.where(first_col_slot, row_dscale[None, :], 0.0), mask=row_part_mask)
-    tl.store(row_part_ptrs + col_slots * CHUNK_N, tl.where(first_col_slot, row_dbias[None, :], 0.0),
-             mask=row_part_mask)
-    row_slot = tile_n * (BLOCK_N // SLOT) + tl.arange(0, BLOCK_N // SLOT)
-    first_row_slot = (tl.arange(0, BLOCK_N // SLOT) == 0)[:, None]
-    col_part_ptrs = col_part_ptr + row_slot.to(tl.int64)[:, None] * CHUNK_M + local_cols[None, :]
-    tl.store(col_part_ptrs, tl.where(first_row_slot, col_dbias[None, :], 0.0),
-             mask=(row_slot < row_slots)[:, None] & col_ok[None, :])
+    if EPILOGUE == 1:
+        tl.store(row_part_ptrs + 2 * col_slots * CHUNK_N, tl.where(first_col_slot, row_loss[None, :], 0.0),
+                 mask=row_part_mask)
+    if GRADS:
+        g_scale = tl.load(g_scale_ptr)
+        g_ptrs = g_ptr + local_rows.to(tl.int64)[:, None] * G_STRIDE + local_cols[None, :]
+        tl.store(g_ptrs, (grad * (scale * g_scale)[:, None]).to(g_ptr.dtype.element_ty), mask=valid)
+        row_dscale = tl.sum(grad * sim, axis=1)
+        row_dbias = tl.sum(grad, axis=1)
+        col_dbias = tl.sum(grad, axis=0)
+        tl.store(row_part_ptrs, tl.where(first_col_slot, row_dscale[None, :], 0.0), mask=row_part_mask)
+        tl.store(row_part_ptrs + col_slots * CHUNK_N, tl.where(first_col_slot, row_dbias[None, :], 0.0),
+                 mask=row_part_mask)
+        row_slot = tile_n * (BLOCK_N // SLOT) + tl.arange(0, BLOCK_N // SLOT)
+        first_row_slot = (tl.arange(0, BLOCK_N // SLOT) == 0)[:, None]
+        col_part_ptrs = col_part_ptr + row_slot.to(tl.int64)[:, None] * CHUNK_M + local_cols[None, :]
+        tl.store(col_part_ptrs, tl.where(first_row_slot, col_dbias[None, :], 0.0),
+                 mask=(row_slot < row_slots)[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,45 +633,104 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
     col_target_grad, has_col_target_grad = _optional(get("col_target_grad"), "col_target_grad", m, device)
     has_row_target = has_row_target and has_row_target_grad
     has_col_target = has_col_target and has_col_target_grad
+    bound_terms = [t for t, present in (
+        (grad_row, has_row), (grad_col, has_col), (row_const, has_row_const), (col_const, has_col_const),
+        (row_target_grad, has_row_target), (col_target_grad, has_col_target)) if present]
+    no_positives = torch.zeros(1, dtype=torch.int64, device=device)
+    epilogue = _Epilogue(
+        kind=0, pointers=(row_lse, col_lse, grad_row, grad_col, row_const, col_const, row_target, row_target_grad,
+                          col_target, col_target_grad, no_positives, 0),
+        flags=dict(HAS_ROW=has_row, HAS_COL=has_col, HAS_ROW_CONST=has_row_const, HAS_COL_CONST=has_col_const,
+                   HAS_ROW_TARGET=has_row_target, HAS_COL_TARGET=has_col_target),
+        g_bound=bound_terms)
+    dx, dy, dscale, drow, dcol, _ = _sweep(x, y, scale, row_bias, col_bias, epilogue, grads=True, grad_dtype=x.dtype)
+    return dx, dy, dscale, drow, dcol
+
+
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+    """(row_loss (N,), Gradients in fp32 or None) of the sigmoid loss (see `_sigmoid_epilogue`), one fused sweep.
+
+    pos_cols: (N, K) int64 positive columns per row (-1 padded). 3 GEMM-equivalents with gradients (the
+    similarity tile, then dX += G Y and dY += G^T X over each staged chunk of G), 1 without."""
+    x, y, scale, row_bias, col_bias = problem
+    _check_problem(x, y, scale, row_bias, col_bias)
+    n, m = x.shape[0], y.shape[0]
+    if pos_cols.dtype != torch.int64 or pos_cols.dim() != 2 or pos_cols.shape[0] != n:
+        raise ValueError(f"pos_cols must be an ({n}, K) int64 tensor, got {pos_cols.dtype} {tuple(pos_cols.shape)}")
+    if pos_cols.device != x.device:
+        raise ValueError(f"pos_cols is on {pos_cols.device} but the features are on {x.device}")
+    with _on_device(x):
+        dummy = torch.zeros(1, dtype=torch.float32, device=x.device)
+        dummy_index = torch.zeros(1, dtype=torch.int64, device=x.device)
+        epilogue = _Epilogue(
+            kind=1, pointers=(dummy,) * 6 + (dummy_index, dummy, dummy_index, dummy, pos_cols.contiguous(),
+                                              pos_cols.shape[1]),
+            flags=dict(HAS_ROW=False, HAS_COL=False, HAS_ROW_CONST=False, HAS_COL_CONST=False, HAS_ROW_TARGET=False,
+                       HAS_COL_TARGET=False),
+            g_bound=[torch.ones(1, device=x.device)])  # |G| <= 1
+        dx, dy, dscale, drow, dcol, row_loss = _sweep(x, y, scale, row_bias, col_bias, epilogue, grads=need_grad,
+                                                      grad_dtype=torch.float32)
+    if not need_grad:
+        return row_loss, None
+    return row_loss, Gradients(dx, dy, dscale, drow, dcol)
+
+
+class _Epilogue(NamedTuple):
+    """What the shared sweep's tile kernel runs on each similarity tile: `kind` (0 LSE, 1 sigmoid), its pointer
+    arguments in kernel order (dummies where absent), its constexpr flags, and bounds of its G terms (for the
+    fp16 staging scale)."""
+
+    kind: int
+    pointers: tuple
+    flags: dict
+    g_bound: list
+
+
+def _sweep(x, y, scale, row_bias, col_bias, epilogue: _Epilogue, *, grads: bool, grad_dtype: torch.dtype):
+    """The shared chunked sweep: the tile kernel over every chunk of the N x M matrix, then (grads) dX += G Y and
+    dY += G^T X over each staged chunk. Returns (dx, dy, dscale, drow, dcol, row_loss); what was not computed is
+    None (gradients without `grads`, row_loss for the LSE epilogue)."""
+    n, d = x.shape
+    m = y.shape[0]
+    device = x.device
     f32 = dict(dtype=torch.float32, device=device)
 
     # G is staged in fp16 for fp16 *and* bf16 features: bf16's 8-bit significand would add up to 2^-8 relative
     # error per term before the sum, fp16's 11 bits add 2^-11. A power of two keeps it in fp16's range.
     g_dtype = torch.float32 if x.dtype == torch.float32 else torch.float16
     one = torch.ones((), **f32)
-    if g_dtype == torch.float16:
-        g_scale = _g_scale(scale, [t for t, present in (
-            (grad_row, has_row), (grad_col, has_col), (row_const, has_row_const), (col_const, has_col_const),
-            (row_target_grad, has_row_target), (col_target_grad, has_col_target)) if present])
-    else:
-        g_scale = one
+    g_scale = _g_scale(scale, epilogue.g_bound) if g_dtype == torch.float16 else one
     chunk_n, chunk_m = _chunk_shape(n, m, torch.finfo(g_dtype).bits // 8)
     row_chunks = list(range(0, n, chunk_n))
     col_chunks = list(range(0, m, chunk_m))
     # G's row stride is padded to a multiple of 16 elements: Triton then specialises the kernels on an aligned
     # stride (16-byte vector loads and stores, wgmma-friendly) whatever M is
     g_stride = -(-chunk_m // 16) * 16
-    staged = torch.empty((chunk_n, g_stride), dtype=g_dtype, device=x.device)
+    staged = torch.empty((chunk_n, g_stride) if grads else (1, 16), dtype=g_dtype, device=x.device)
     row_slots, col_slots = triton.cdiv(chunk_n, _SLOT), triton.cdiv(chunk_m, _SLOT)
-    row_part = torch.empty((2, col_slots, chunk_n), **f32)
+    row_part = torch.empty((3, col_slots, chunk_n), **f32)
     col_part = torch.empty((row_slots, chunk_m), **f32)
+    with_loss = epilogue.kind == 1
+    row_loss = torch.empty(n, **f32) if with_loss else None
 
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dy = torch.empty_like(y, memory_format=torch.contiguous_format)
-    # dX rows are finished chunk by chunk (inner loop over columns): with one column chunk each row chunk's GEMM
-    # writes its own rows of dx directly, otherwise it accumulates in fp32 and is copied out. dY accumulates over
-    # row chunks in fp32 unless one row chunk covers all of N.
-    dx_acc = None if len(col_chunks) == 1 else torch.empty((min(chunk_n, n), d), **f32)
-    dy_acc = dy if len(row_chunks) == 1 else torch.empty((m, d), **f32)
-    dscale = torch.empty(n, **f32)
-    drow = torch.empty(n, **f32)
-    dcol = torch.empty(m, **f32)
+    dx = dy = dx_acc = dy_acc = dscale = drow = dcol = None
+    if grads:
+        dx = torch.empty(x.shape, dtype=grad_dtype, device=device)
+        dy = torch.empty(y.shape, dtype=grad_dtype, device=device)
+        # dX rows are finished chunk by chunk (inner loop over columns): with one column chunk each row chunk's
+        # GEMM writes its own rows of dx directly, otherwise it accumulates in fp32 and is copied out. dY
+        # accumulates over row chunks in fp32 unless one row chunk covers all of N.
+        dx_acc = None if len(col_chunks) == 1 else torch.empty((min(chunk_n, n), d), **f32)
+        dy_acc = dy if len(row_chunks) == 1 else torch.empty((m, d), **f32)
+        dscale = torch.empty(n, **f32)
+        drow = torch.empty(n, **f32)
+        dcol = torch.empty(m, **f32)
     precision = _input_precision(x.dtype)
     upcast = interpreting() and x.dtype != torch.float32
     # bf16 features meet the fp16 G through an fp16 copy of the chunk's rows, shifted by a power of two into
     # fp16's range (exact down to 2^-31 of the largest entry): O((chunk_n + chunk_m) D) scratch, and the GEMMs
     # see one operand type.
-    to_fp16 = x.dtype == torch.bfloat16
+    to_fp16 = grads and x.dtype == torch.bfloat16
     x_shift = _pow2_below(_abs_max(x), 14) if to_fp16 else one
     y_shift = _pow2_below(_abs_max(y), 14) if to_fp16 else one
     x16 = torch.empty((chunk_n, d), dtype=torch.float16, device=device) if to_fp16 else None
@@ -605,17 +745,22 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
         for cj, col0 in enumerate(col_chunks):
             n_cols = min(chunk_m, m - col0)
             cols = slice(col0, col0 + n_cols)
-            y_cols = torch.mul(y[cols], y_shift, out=y16[:n_cols]) if to_fp16 else y[cols]
             grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(n_cols, meta["BLOCK_M"]))
             _grad_tile_kernel[grid](
-                x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col,
-                row_const, col_const, row_target, row_target_grad, col_target, col_target_grad,
+                x, y, scale, row_bias, col_bias, *epilogue.pointers,
                 staged, row_part, col_part, row0, col0, n_rows, n_cols, d, x.stride(0), y.stride(0), g_scale,
                 chunk_n, chunk_m, g_stride, row_slots, col_slots, size_class(n_rows), size_class(n_cols),
-                HAS_ROW=has_row, HAS_COL=has_col, HAS_ROW_CONST=has_row_const, HAS_COL_CONST=has_col_const,
-                HAS_ROW_TARGET=has_row_target, HAS_COL_TARGET=has_col_target, UPCAST=upcast,
-                INPUT_PRECISION=precision, SLOT=_SLOT)
+                EPILOGUE=epilogue.kind, GRADS=grads, **epilogue.flags, UPCAST=upcast, INPUT_PRECISION=precision,
+                SLOT=_SLOT)
             used_row_slots, used_col_slots = triton.cdiv(n_rows, _SLOT), triton.cdiv(n_cols, _SLOT)
+            if with_loss:
+                part_loss = row_part[2, :used_col_slots, :n_rows].sum(dim=0)
+                if cj == 0:
+                    row_loss[rows] = part_loss
+                else:
+                    row_loss[rows] += part_loss
+            if not grads:
+                continue
             part_dscale = row_part[0, :used_col_slots, :n_rows].sum(dim=0)
             part_drow = row_part[1, :used_col_slots, :n_rows].sum(dim=0)
             part_dcol = col_part[:used_row_slots, :n_cols].sum(dim=0)
@@ -629,12 +774,13 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
                 dcol[cols] = part_dcol
             else:
                 dcol[cols] += part_dcol
+            y_cols = torch.mul(y[cols], y_shift, out=y16[:n_cols]) if to_fp16 else y[cols]
             g = staged[:n_rows, :n_cols]
             dx_out = dx[rows] if dx_acc is None else dx_acc[:n_rows]
             accumulate_matmul(dx_out, g, y_cols, dx_alpha, accumulate=cj > 0, input_precision=precision)
             accumulate_matmul(dy_acc[cols], g.t(), x_rows, dy_alpha, accumulate=ci > 0, input_precision=precision)
-        if dx_acc is not None:
+        if grads and dx_acc is not None:
             dx[rows] = dx_acc[:n_rows]
-    if dy_acc is not dy:
+    if grads and dy_acc is not dy:
         dy.copy_(dy_acc)
-    return dx, dy, dscale, drow, dcol
+    return dx, dy, dscale, drow, dcol, row_loss
