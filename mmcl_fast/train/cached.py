@@ -200,15 +200,19 @@ def grad_cached_step(model, images: Tensor, texts: Tensor, loss_fn: Callable, ch
     buffers = [(buf, buf.detach().clone()) for module in encoders.modules for buf in module.buffers()]
 
     # ---- pass 1: features of every chunk, no autograd graph kept
-    chunk_rng, image_chunks, text_chunks = [], [], []
+    chunk_rng, image_cache, text_cache = [], None, None
     scale, bias = None, None
     with torch.no_grad():
         for start, stop in bounds:
             chunk_rng.append(_RngState(devices))
             with amp():
                 image_features, text_features, scale, bias = encoders.encode(images[start:stop], texts[start:stop])
-            image_chunks.append(image_features)
-            text_chunks.append(text_features)
+            if image_cache is None:  # filled in place: no list of chunks next to a concatenated copy
+                image_cache = image_features.new_empty((n,) + tuple(image_features.shape[1:]))
+                text_cache = text_features.new_empty((n,) + tuple(text_features.shape[1:]))
+            image_cache[start:stop] = image_features
+            text_cache[start:stop] = text_features
+            del image_features, text_features
     rng_after = _RngState(devices)  # where the autograd step would leave the generators
     with torch.no_grad():
         for buf, saved in buffers:
@@ -216,9 +220,8 @@ def grad_cached_step(model, images: Tensor, texts: Tensor, loss_fn: Callable, ch
     del buffers
 
     # ---- the loss, once, on detached features
-    image_cache = torch.cat(image_chunks).requires_grad_()
-    text_cache = torch.cat(text_chunks).requires_grad_()
-    del image_chunks, text_chunks
+    image_cache.requires_grad_()
+    text_cache.requires_grad_()
     scale_leaf, bias_leaf = _loss_leaf(scale), _loss_leaf(bias)
     with amp():
         args = (image_cache, text_cache, scale_leaf) + ((bias_leaf,) if bias is not None else ())

@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=_positive_int, default=TrainConfig.checkpoint_every,
                         help="steps between checkpoints (and one at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop-at", type=_positive_int, metavar="STEP",
+                        help="stop after this step, leaving a checkpoint that --resume continues (a time-limited job)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
@@ -97,6 +99,7 @@ def config_from_args(args) -> TrainConfig:
                       chunk_size=args.chunk_size or preset["chunk_size"], lr=args.lr, warmup=args.warmup,
                       loss=args.loss, precision=args.precision, seed=args.seed, log_every=args.log_every,
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      stop_at=args.stop_at,
                       progress=not args.no_progress, device=args.device)
     if cfg.warmup >= cfg.steps:
         cfg.warmup = max(0, cfg.steps // 10)
@@ -116,7 +119,9 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmcl-fast train: error: {exc}", file=sys.stderr)
         return 2
-    if results is not None:
+    if results is not None and "stopped_at" in results:
+        print(f"stopped after step {results['stopped_at']}; continue with --resume from {results['checkpoint']}")
+    elif results is not None:
         shown = {k: results[k] for k in ("zero_shot_accuracy", "retrieval_top1", "batch_size", "chunk_size", "steps",
                                          "seconds", "peak_mib", "world_size")}
         print(json.dumps(shown, indent=2))

@@ -30,7 +30,7 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
 }
-QUICK = {"steps": 150, "batch_size": 256, "chunk_size": 64, "threads": 1}
+QUICK = {"steps": 300, "batch_size": 256, "chunk_size": 64, "threads": 1}
 FULL = {"steps": 600, "batch_size": 512, "chunk_size": 128, "threads": None}
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     eval_every: int = 0                    # 0: evaluate at the end only
     checkpoint_every: int = 50
     resume: bool = False
+    stop_at: int | None = None             # leave after this step (a checkpoint to --resume), e.g. a time limit
     progress: bool = True
     device: str | None = None
     model: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP)))
@@ -235,7 +236,8 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     started, loss_value = time.perf_counter(), float("nan")
     try:
-        for step in range(start_step, cfg.steps):
+        last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+        for step in range(start_step, last):
             index = sampler.global_batch(step)[rank * local_batch:(rank + 1) * local_batch]
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
             images = normalize(augment(data.train.images[index], generator)).to(device)
@@ -250,6 +252,10 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
+            if world > 1:  # each rank holds its share of the loss; their mean is the global batch's loss
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
             loss_value = loss.item()
             done = step + 1
             if log is not None and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -261,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
                 log.flush()
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and rank == 0:
                 log.write(json.dumps({"step": done, "eval": evaluate(model, data, tokens, device)}) + "\n")
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or done == last:
                 _save_checkpoint(checkpoint_path, model, optimizer, cfg, done,
                                  elapsed + time.perf_counter() - started, rank)
             if bar is not None:
@@ -271,6 +277,12 @@ def train(cfg: TrainConfig) -> dict:
             bar.stop()
     seconds = elapsed + time.perf_counter() - started
     results = None
+    if last < cfg.steps:  # stopped early on purpose: the checkpoint is the result
+        if world > 1:
+            dist.destroy_process_group()
+        if log is not None:
+            log.close()
+        return {"stopped_at": last, "checkpoint": checkpoint_path}
     if rank == 0:
         metrics = evaluate(model, data, tokens, device)
         log.write(json.dumps({"step": cfg.steps, "eval": metrics}) + "\n")
