@@ -9,7 +9,9 @@ the sum of the magnitudes of those terms (the `floor` of tolerances.assert_rel_c
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -309,3 +311,54 @@ def test_threads_are_deterministic_and_agree():
             assert_rel_close(grad, results[0], 1e-5, "gradient across thread counts")
     finally:
         torch.set_num_threads(previous)
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import sys, torch, mmcl_fast
+    def hwm_kib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    n, d, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(2)
+    x = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    mmcl_fast.siglip_loss(x[:8], y[:8], scale, bias, backend=backend).backward()  # warm-up: imports, pools
+    x.grad = y.grad = scale.grad = bias.grad = None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    base = hwm_kib()
+    mmcl_fast.siglip_loss(x, y, scale, bias, backend=backend).backward()
+    print(hwm_kib() - base, 2 * x.numel() * x.element_size() // 1024)
+""")
+
+
+def _peak_growth_kib(n, d, backend):
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), str(d), backend], capture_output=True,
+                         text=True, check=True)
+    growth, inputs = map(int, out.stdout.split())
+    return growth, inputs
+
+
+def _tiles_kib(backend):
+    from mmcl_fast.backends import blocked
+    return 3 * blocked.tile_elements(torch.device("cpu")) * 4 // 1024 if backend == "torch" else 0  # S, L, G
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_no_quadratic_memory(backend):
+    """N=8192, D=64 fwd+bwd in a fresh process: one N x N fp32 buffer would be 256 MiB; the inputs are 4 MiB."""
+    growth, inputs = _peak_growth_kib(8192, 64, backend)
+    assert growth < 64 * 1024 + _tiles_kib(backend), f"peak RSS grew by {growth / 1024:.1f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_memory_acceptance_n32768_d512(backend):
+    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
+    backend: plus its tiles)."""
+    growth, inputs = _peak_growth_kib(32768, 512, backend)
+    print(f"{backend}: peak RSS growth {growth / 1024:.0f} MiB = {growth / inputs:.2f}x the inputs")
+    assert growth <= 4 * inputs + _tiles_kib(backend), f"peak RSS grew by {growth / 1024:.0f} MiB, inputs {inputs} KiB"
