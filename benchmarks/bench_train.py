@@ -8,10 +8,10 @@ Three ways to take one training step of the same open_clip CLIP (mmcl-fast train
                (K loss evaluations per step), micro-batch = CHUNK rows
     cached     mmcl_fast.train.grad_cached_step with mmcl_fast.ClipLoss, chunk = CHUNK rows
 
-Each (method, batch) point runs in a fresh Python process: build the model, one warm-up step at a small batch
+Each (method, batch) point runs in a fresh Python process: build the model, one warm-up step at batch 16
 (thread pools, gradient buffers), reset the peak-RSS mark (/proc/self/clear_refs), run the measured step and report
 the peak RSS growth over the resident size just before it (VmHWM - VmRSS; the inputs are made before the reset)
-and its wall time. A method's sweep stops at its first point over the budget (memory only grows with the batch)
+and its wall time; a watchdog thread ends a step as soon as its peak passes the budget. A method's sweep stops at its first point over the budget (memory only grows with the batch)
 or over the time limit. Results: JSON (machine, versions, commit) and a markdown table on stdout.
 
     python benchmarks/bench_train.py --out benchmarks/results/train/bench_train.json
@@ -73,11 +73,23 @@ def cached(images, texts):
     grad_cached_step(model, images, texts, mmcl_fast.ClipLoss(), chunk)
 
 step = {method}
-step(*batch(2 * chunk))
+step(*batch(16))  # small: pages it frees stay resident and would hide part of the measured step's peak
 images, texts = batch({n})
 with open("/proc/self/clear_refs", "w") as clear:
     clear.write("5")
 base = status_kib("VmRSS")
+
+def watchdog():  # past the budget the point is decided: report the peak so far and stop
+    import os, threading
+    while True:
+        time.sleep(0.02)
+        peak = (status_kib("VmHWM") - base) / 1024
+        if peak > {budget}:
+            print(json.dumps({{"peak_mib": peak, "seconds": None, "stopped_over_budget": True}}), flush=True)
+            os._exit(0)
+
+import threading
+threading.Thread(target=watchdog, daemon=True).start()
 start = time.perf_counter()
 step(images, texts)
 seconds = time.perf_counter() - start
@@ -85,8 +97,8 @@ print(json.dumps({{"peak_mib": (status_kib("VmHWM") - base) / 1024, "seconds": s
 '''
 
 
-def measure(method: str, n: int, chunk: int, threads: int, timeout: float) -> dict:
-    code = _CHILD.format(method=method, n=n, chunk=chunk, threads=threads)
+def measure(method: str, n: int, chunk: int, threads: int, timeout: float, budget_mib: float) -> dict:
+    code = _CHILD.format(method=method, n=n, chunk=chunk, threads=threads, budget=budget_mib)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
@@ -129,6 +141,8 @@ def table(results: dict) -> str:
                 cells.append("-")
             elif point["status"] != "ok":
                 cells.append(point["status"])
+            elif point.get("stopped_over_budget"):
+                cells.append(f"over budget (stopped at {point['peak_mib']:.0f})")
             else:
                 mark = "" if point["peak_mib"] <= budget else " (over)"
                 cells.append(f"{point['peak_mib']:.0f}{mark} / {1000 * point['seconds'] / n:.2f}")
@@ -161,7 +175,7 @@ def main(argv=None) -> int:
     for method in methods:
         best = {"batch": None, "ms_per_sample": None, "sweep_end": False}
         for n in batches:
-            point = measure(method, n, args.chunk, args.threads, args.time_limit)
+            point = measure(method, n, args.chunk, args.threads, args.time_limit, args.budget_mib)
             results["points"][method][str(n)] = point
             print(f"{method:7s} N={n:6d} {point}", file=sys.stderr, flush=True)
             if point["status"] != "ok" or point["peak_mib"] > args.budget_mib:

@@ -123,7 +123,7 @@ def run(args) -> int:
         print(f"stopped after step {results['stopped_at']}; continue with --resume from {results['checkpoint']}")
     elif results is not None:
         shown = {k: results[k] for k in ("zero_shot_accuracy", "retrieval_top1", "batch_size", "chunk_size", "steps",
-                                         "seconds", "peak_mib", "world_size")}
+                                         "seconds", "peak_mib", "world_size") if k in results}
         print(json.dumps(shown, indent=2))
         print(f"wrote {cfg.out}/results.json, log.jsonl, checkpoint.pt")
     return 0
