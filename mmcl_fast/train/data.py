@@ -2,8 +2,8 @@
 
 Every source yields float images (n, 3, S, S) in [0, 1] and, per image, a list of candidate captions (one is
 drawn per use: the text side of the augmentation). Batches come from a per-epoch permutation seeded by
-(seed, epoch) and augmentation from a generator seeded by (seed, step, rank), so a resumed run sees exactly the
-data stream of an uninterrupted one.
+(seed, epoch) and augmentation of the whole global batch from a generator seeded by (seed, step), so a resumed
+run, and a run over several ranks, sees exactly the data stream of one uninterrupted process.
 """
 from __future__ import annotations
 

@@ -239,12 +239,16 @@ def train(cfg: TrainConfig) -> dict:
     try:
         last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         for step in range(start_step, last):
-            index = sampler.global_batch(step)[rank * local_batch:(rank + 1) * local_batch]
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-            images = normalize(augment(data.train.images[index], generator)).to(device)
+            # The global batch is augmented identically on every rank (it is small next to the encoders' work), so
+            # that W ranks train on exactly the pairs one process would; each rank then keeps its share.
+            index = sampler.global_batch(step)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009)
+            images = augment(data.train.images[index], generator)
             picks = torch.randint(0, 1 << 30, (len(index),), generator=generator).tolist()
+            share = slice(rank * local_batch, (rank + 1) * local_batch)
+            images = normalize(images[share]).to(device)
             captions = [data.train.captions[i][pick % len(data.train.captions[i])]
-                        for i, pick in zip(index.tolist(), picks)]
+                        for i, pick in zip(index[share].tolist(), picks[share])]
             texts = tokens(captions).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, cfg)
