@@ -44,6 +44,9 @@ class EvalConfig:
 #   2048 alike);
 # - batch 1024 and the warm-up: at batch 512, or without the warm-up, some seeds stall with an invariant
 #   semantic unlearned (one output direction spent on a perturbed semantic in one encoder, collapsed in the other).
+# These were measured with the "spectral" mixers. With the paper code's mixers (the default since issue 14) seed 0
+# of θ = {0,1,2,3,6,7,8}, ρ = {2,7} (independent, clip) collapses one of its five output directions within the first
+# 1k steps and keeps it collapsed (invariant block R² 0.78): the preset still needs re-tuning for these mixers.
 PRESETS = {
     "paper": dict(train=dict(steps=100_000, batch=6144, lr=1e-4, hidden=(10, 50, 50, 50, 50, 10), warmup=0,
                              cosine_decay=False),

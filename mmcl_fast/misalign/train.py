@@ -105,7 +105,7 @@ def contrastive_loss(z_x: torch.Tensor, z_t: torch.Tensor, tau: float, backend: 
 
 def _lpsimclr_direction(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float,
                         backend: str) -> torch.Tensor:
-    """mean_i [d_i/τ + log-mean-exp({-d_i/τ} ∪ {-||anchor_i - negatives_j||²/τ}_j)], d_i = ||anchor_i - positive_i||²."""
+    """mean_i [d_i/τ + log-mean-exp({-d_i/τ} ∪ {-||anchor_i - negatives_j||²/τ}_j)], d_i = ||anchor_i - positive_i||²"""
     anchor_sq = (anchor * anchor).sum(1)
     negative_sq = (negatives * negatives).sum(1)
     negative_lse, _ = affine_lse(anchor, negatives, scale=2.0 / tau, row_bias=-anchor_sq / tau,
