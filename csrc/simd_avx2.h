@@ -12,10 +12,10 @@ struct VecAvx2 {
     using type = __m256;
     static constexpr const char* name = "avx2";
     // 16 ymm registers: a 6 x 2-vector (6 x 16) accumulator tile (12) + 2 B vectors + 1 broadcast, as in the
-    // classic Haswell SGEMM kernels; a wider tile would spill. Blocks: 192 x 96 tiles keep the row block, the column
-    // block (plain and packed) and the tile within a 512 KiB L2 at D = 512 (measured best on Zen 3 of
-    // 96/192/288 x 48/96/192).
-    static constexpr int lanes = 8, MR = 6, NRV = 2, MC = 192, NC = 96;
+    // classic Haswell SGEMM kernels; a wider tile would spill. Blocks: 96 x 288 tiles, re-measured on Zen 3 at
+    // N = 8192, D = 512 once fp32 row blocks were read in place and the fused sigmoid sweep existed (of 96/144/192 x
+    // 96/192/288/384: the sigmoid sweep 110 -> 131 GFLOP/s against 192 x 96, the CLIP fwd+bwd 123 -> 127-141).
+    static constexpr int lanes = 8, MR = 6, NRV = 2, MC = 96, NC = 288;
     static constexpr bool has_bf16_dot = false;
     template <int MR_, int NRV_>
     static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
