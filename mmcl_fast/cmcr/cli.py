@@ -6,21 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+from .._argtypes import positive_int as _positive_int
 from .._ops import BACKENDS
 from .study import ABLATIONS, PRESETS
 
 DEFAULT_OUT = "out/cmcr"
 _QUICK = PRESETS["quick"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
