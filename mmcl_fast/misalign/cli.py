@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from .._argtypes import positive_float as _positive_float
+from .._argtypes import positive_int as _positive_int
 from .._ops import BACKENDS
 from .data import MIXERS, N_SEMANTIC, BiasConfig
 from .study import PRESETS, SWEEPS
@@ -49,26 +51,6 @@ def _k_list(text: str) -> tuple[int, ...]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
     return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _multipliers(text: str) -> tuple[int, ...]:
