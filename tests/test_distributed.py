@@ -11,7 +11,6 @@ gradients summed over ranks == dL/ds, dL/db.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import traceback
 import zlib
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gloo import spawn_ranks
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 DIM = 13
@@ -72,23 +72,7 @@ def _worker(rank: int, world: int, work_dir: str, options: dict) -> None:
 
 def _run_group(world: int, work_dir, cases: dict, options: dict) -> list[dict]:
     torch.save(cases, work_dir / "cases.pt")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, world, str(work_dir), options)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = {rank: (work_dir / f"rank{rank}.err").read_text()
-              for rank in range(world) if (work_dir / f"rank{rank}.err").exists()}
-    assert not errors, "rank(s) failed:\n" + "\n".join(f"--- rank {r}\n{e}" for r, e in errors.items())
-    assert not hung, f"rank(s) {hung} did not finish within {JOIN_TIMEOUT_S} s (collective hang?)"
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
-    return [torch.load(work_dir / f"rank{rank}.pt") for rank in range(world)]
+    return spawn_ranks(_worker, world, work_dir, (options,), JOIN_TIMEOUT_S)
 
 
 def _block(per_rank: list[dict], block: str) -> list[dict]:

@@ -11,7 +11,6 @@ SigLipLoss.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import sys
 import traceback
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gloo import spawn_ranks  # noqa: E402
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402
 
 DIM = 11
@@ -90,18 +90,7 @@ def _group_results(world: int, tmp_path_factory) -> tuple[dict, list[dict]]:
         inputs["x"] = inputs["x"].float().double()
         inputs["y"] = inputs["y"].float().double()
         torch.save(inputs, work_dir / "inputs.pt")
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(rank, world, str(work_dir))) for rank in range(world)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(JOIN_TIMEOUT_S)
-        errors = [(work_dir / f"rank{r}.err").read_text() for r in range(world) if (work_dir / f"rank{r}.err").exists()]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-        assert not errors, "a rank failed:\n" + "\n".join(errors)
-        _GROUPS[world] = (inputs, [torch.load(work_dir / f"rank{r}.pt") for r in range(world)])
+        _GROUPS[world] = (inputs, spawn_ranks(_worker, world, work_dir, timeout=JOIN_TIMEOUT_S))
     return _GROUPS[world]
 
 

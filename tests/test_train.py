@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import functools
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ import torch
 import mmcl_fast
 from mmcl_fast.train import grad_cached_step
 from mmcl_fast.train import cached as cached_module
+from gloo import spawn_ranks
 from tolerances import rel_err
 
 open_clip = pytest.importorskip("open_clip")
@@ -331,21 +331,7 @@ def test_ddp_gloo_matches_single_process_cached_step(tmp_path):
         images, texts = make_batch(DDP_WORLD * DDP_LOCAL, dtype)
         inputs[name] = {"state": tiny_clip(dtype=dtype).state_dict(), "images": images, "texts": texts}
     torch.save(inputs, tmp_path / "inputs.pt")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, DDP_WORLD, str(tmp_path))) for rank in range(DDP_WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(JOIN_TIMEOUT_S)
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(DDP_WORLD) if (tmp_path / f"rank{r}.err").exists()]
-    assert not errors, "rank(s) failed:\n" + "\n".join(errors)
-    assert not hung, f"rank(s) {hung} did not finish within {JOIN_TIMEOUT_S} s"
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DDP_WORLD)]
+    per_rank = spawn_ranks(_ddp_worker, DDP_WORLD, tmp_path, timeout=JOIN_TIMEOUT_S)
     for name, (dtype, _, single_kind) in DDP_CASES.items():
         model = tiny_clip(dtype=dtype)
         model.load_state_dict(inputs[name]["state"])
