@@ -114,8 +114,10 @@ struct TileScratch {
     std::vector<float> x_blk;    // MC x dp
     const float* x_rows = nullptr;  // the current row block in fp32: x_blk, or the input itself (see load_row_block)
     int64_t x_stride = 0;           // its row stride
-    std::vector<float> y_blk;    // NC x dp
-    std::vector<float> y_pack;   // (NC / NR) panels of d x NR
+    std::vector<float> y_row;    // dp: one column-block row converted to fp32
+    std::vector<float> y_pack;   // (NC / NR) panels of d x NR: the column block transposed, for the similarity GEMM
+    std::vector<float> y_grad;   // (dp / NR) panels of NC x NR: the column block by feature panels, for dX
+    std::vector<float> x_grad;   // (dp / NR) panels of MC x NR: the row block by feature panels, for dY
     std::vector<float> tile;     // MC x NC
     std::vector<float> col_bias; // NC (padding: -inf, so padded columns never count)
     std::vector<float> col_aux;  // NC (per-column scratch: tile max, gradient weights)
@@ -126,7 +128,8 @@ struct TileScratch {
     std::vector<uint16_t> x_bf;
     std::vector<uint16_t> y_pack_bf;
     TileScratch(int64_t d, int64_t dp, bool bf16_dot)
-        : x_blk(MC * dp), y_blk(NC * dp), y_pack(NC * std::max<int64_t>(d, 1)), tile(MC * NC), col_bias(NC),
+        : x_blk(MC * dp), y_row(dp), y_pack(NC * std::max<int64_t>(d, 1)), y_grad(NC * dp), x_grad(MC * dp),
+          tile(MC * NC), col_bias(NC),
           col_aux(NC), col_aux2(NC), col_aux3(NC), x_bf(bf16_dot ? MC * round_up(d, 2) : 0),
           y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {}
 };
@@ -178,14 +181,23 @@ struct TileSweep {
                 }
             }
         }
-        if (!bf16_dot || need_f32_rows) load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0, nc, NC, p.d, dp, s.y_blk.data());
-        if (!bf16_dot) {
-            for (int64_t q = 0; q < panels; ++q) {
-                float* panel = s.y_pack.data() + q * p.d * NR;
-                for (int64_t c = 0; c < NR; ++c) {
-                    const float* row = s.y_blk.data() + (q * NR + c) * dp;
-                    for (int64_t k = 0; k < p.d; ++k) panel[k * NR + c] = row[k];
+        if (!bf16_dot || need_f32_rows) {
+            const int64_t npad = round_up(nc, NR);
+            for (int64_t c = 0; c < npad; ++c) {
+                const float* row = s.y_row.data();
+                if (c < nc) {
+                    if (p.dtype == kF32 && p.d == dp) row = static_cast<const float*>(p.y) + (j0 + c) * p.y_rs;
+                    else load_rows_f32<V>(p.y, p.y_rs, p.dtype, j0 + c, 1, 1, p.d, dp, s.y_row.data());
+                } else {
+                    std::fill(s.y_row.begin(), s.y_row.end(), 0.0f);
                 }
+                if (!bf16_dot) {
+                    float* panel = s.y_pack.data() + (c / NR) * p.d * NR + (c % NR);
+                    for (int64_t k = 0; k < p.d; ++k) panel[k * NR] = row[k];
+                }
+                if (need_f32_rows)
+                    for (int64_t d0 = 0; d0 < dp; d0 += NR)
+                        std::memcpy(s.y_grad.data() + d0 * NC + c * NR, row + d0, sizeof(float) * NR);
             }
         }
         for (int64_t c = 0; c < NC; ++c)
@@ -209,11 +221,17 @@ struct TileSweep {
         if (p.dtype == kF32 && p.d == dp && mc % MR == 0) {
             s.x_rows = static_cast<const float*>(p.x) + i0 * p.x_rs;
             s.x_stride = p.x_rs;
-            return;
+        } else {
+            load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
+            s.x_rows = s.x_blk.data();
+            s.x_stride = dp;
         }
-        load_rows_f32<V>(p.x, p.x_rs, p.dtype, i0, mc, round_up(mc, MR), p.d, dp, s.x_blk.data());
-        s.x_rows = s.x_blk.data();
-        s.x_stride = dp;
+        if (need_f32_rows) {
+            const int64_t mpad = round_up(mc, MR);
+            for (int64_t r = 0; r < mpad; ++r)
+                for (int64_t d0 = 0; d0 < dp; d0 += NR)
+                    std::memcpy(s.x_grad.data() + d0 * MC + r * NR, s.x_rows + r * s.x_stride + d0, sizeof(float) * NR);
+        }
     }
 
     // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
@@ -273,10 +291,10 @@ struct TileSweep {
             std::fill(s.tile.data() + mc * NC, s.tile.data() + mpad * NC, 0.0f);
         for (int64_t d0 = 0; d0 < dp; d0 += NR) {
             for (int64_t i = 0; i < mpad; i += MR)
-                micro_kernel<V>(nc, s.tile.data() + i * NC, NC, 1, s.y_blk.data() + d0, dp,
+                micro_kernel<V>(nc, s.tile.data() + i * NC, NC, 1, s.y_grad.data() + d0 * NC, NR,
                                 dx_acc + (i0 + i) * dp + d0, dp, true);
             for (int64_t j = 0; j < npad; j += MR)
-                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_rows + d0, s.x_stride,
+                micro_kernel<V>(mc, s.tile.data() + j, 1, NC, s.x_grad.data() + d0 * MC, NR,
                                 dy_acc + (j0 + j) * dp + d0, dp, true);
         }
     }
