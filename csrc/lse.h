@@ -8,9 +8,9 @@
 //
 // GEMM count: 4 N*M*D GEMM-equivalents for forward + backward (1 forward; 3 backward: recompute S, G.Y, G^T.X),
 // against Inf-CL's 10 for the symmetric loss.
-// Memory: O((N + M) * D) for the fp32 gradient accumulators plus per-thread tiles (MC x NC similarity tile,
-// MC x D and NC x D fp32 copies of the current row/column blocks; fp32 row blocks that need no padding are read
-// in place). Nothing N x M is ever allocated. MR, NR, MC, NC are the ISA policy's (Shape in sweep.h).
+// Memory: O((N + M) * D) for the fp32 gradient accumulators plus the sweep's per-thread blocks (an MC x NC
+// similarity tile and two packed fp32 copies each of the current MC x D row block and NC x D column block, see
+// sweep.h). Nothing N x M is ever allocated. MR, NR, MC, NC are the ISA policy's (Shape in sweep.h).
 //
 // The tiles, the thread schedule and the gradient GEMMs are the shared sweep of sweep.h; this file holds the two LSE
 // epilogues: the online max / sum-exp update (forward) and the gradient weights G (backward).
