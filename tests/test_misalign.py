@@ -16,8 +16,9 @@ from mmcl_fast.misalign import cli
 from mmcl_fast.misalign.data import (LAYER_CONDITION, LEAKY_SLOPE, N_MODALITY, N_SEMANTIC, BiasConfig,
                                      InvertibleMixer, LatentModel, paper_condition_threshold, wishart_identity)
 from mmcl_fast.misalign.evaluate import LATENTS, _r2_per_latent, latent_columns, latent_names, r2_scores
-from mmcl_fast.misalign.study import EvalConfig, run_study, sweep_settings
-from mmcl_fast.misalign.train import TrainConfig, contrastive_loss, lpsimclr_loss, train_encoders
+from mmcl_fast.misalign.study import PRESETS, EvalConfig, run_study, sweep_settings
+from mmcl_fast.misalign.train import (TrainConfig, contrastive_loss, lpsimclr_loss, make_encoder,
+                                      train_encoders)
 
 BACKENDS = ("reference", "auto")
 
@@ -297,10 +298,38 @@ def test_training_lowers_the_loss():
     (dict(encoding_size=0), "encoding_size must be a positive int"),
     (dict(warmup=-1), "warmup must be a non-negative int"),
     (dict(objective="simclr"), "objective must be one of"),
+    (dict(init="xavier"), "init must be one of"),
 ])
 def test_train_config_rejects_bad_input(kwargs, words):
     with pytest.raises(ValueError, match=words):
         TrainConfig(**kwargs)
+
+
+def test_kaiming_init_keeps_the_representation_at_unit_scale_in_every_direction():
+    torch.manual_seed(0)
+    enc = make_encoder(15, 5, (10, 10, 10), init="kaiming")
+    linears = [m for m in enc if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 and all(torch.all(m.bias == 0) for m in linears)
+    for m in linears[:-1]:  # He init for LeakyReLU(0.01): std sqrt(2 / (1 + 0.01²) / fan_in)
+        expected = math.sqrt(2 / (1 + 0.01 ** 2) / m.weight.shape[1])
+        assert abs(m.weight.std().item() / expected - 1) < 0.05
+    x = torch.randn(20000, 15)
+    with torch.no_grad():
+        kaiming = torch.linalg.eigvalsh(torch.cov(enc(x).T))
+        torch.manual_seed(0)
+        default = torch.linalg.eigvalsh(torch.cov(make_encoder(15, 5, (10, 10, 10))(x).T))
+    # PyTorch's default init shrinks every layer: the representation starts ~1e-3 of unit scale
+    assert kaiming.max() > 0.3 and kaiming.min() > 0.01 and default.max() < 0.01
+    with pytest.raises(ValueError, match="init must be one of"):
+        make_encoder(3, 2, (2,), init="xavier")
+
+
+def test_presets_initialise_as_documented():
+    assert PRESETS["paper"]["train"]["init"] == "torch" and PRESETS["quick"]["train"]["init"] == "kaiming"
+    args = _parser().parse_args(["misalign", "--quick", "--init", "torch"])
+    assert cli._settings(args)[1].init == "torch"
+    assert cli._settings(_parser().parse_args(["misalign", "--quick"]))[1].init == "kaiming"
+    assert cli._settings(_parser().parse_args(["misalign"]))[1].init == "torch"
 
 
 # --------------------------------------------------------------------------------------------- the evaluator
@@ -364,6 +393,7 @@ def _parser():
     (["--device", "potato"], "--device must be a torch device"),
     (["--objective", "simclr"], "argument --objective: invalid choice"),
     (["--mixer", "orthogonal"], "argument --mixer: invalid choice"),
+    (["--init", "xavier"], "argument --init: invalid choice"),
     (["--seeds", "0"], "argument --seeds: expected a positive integer"),
     (["--jobs", "x"], "argument --jobs: expected a positive integer"),
     (["--sweep", "dropout"], "argument --sweep: invalid choice"),

@@ -13,7 +13,7 @@ from .._argtypes import positive_int as _positive_int
 from .._ops import BACKENDS
 from .data import MIXERS, N_SEMANTIC, BiasConfig
 from .study import PRESETS, SWEEPS
-from .train import OBJECTIVES
+from .train import INITS, OBJECTIVES
 
 _PAPER, _QUICK = PRESETS["paper"], PRESETS["quick"]
 
@@ -110,6 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(str, _PAPER['train']['hidden']))}, "
                              f"--quick: {','.join(map(str, _QUICK['train']['hidden']))})")
     parser.add_argument("--encoding-size", type=_positive_int, help="representation size (default: |θ \\ ρ|)")
+    parser.add_argument("--init", choices=INITS,
+                        help="encoder initialisation: torch (PyTorch's default, as in the paper) or kaiming (He "
+                             f"init for LeakyReLU, zero biases) (paper: {_PAPER['train']['init']}, --quick: "
+                             f"{_QUICK['train']['init']})")
     parser.add_argument("--eval-samples", type=_positive_int,
                         help=f"validation and test samples each (paper: {_PAPER['eval']['n_val']}, --quick: "
                              f"{_QUICK['eval']['n_val']}); the kernel ridge regressor uses a subsample of at most "
@@ -147,7 +151,7 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     bias = BiasConfig(selection=args.selection, perturbation=args.perturbation, dependent=args.dependent)
     preset = PRESETS["quick" if args.quick else "paper"]
     train_kw = dict(preset["train"])
-    for name in ("steps", "batch", "lr", "hidden", "encoding_size"):
+    for name in ("steps", "batch", "lr", "hidden", "encoding_size", "init"):
         if getattr(args, name) is not None:
             train_kw[name] = getattr(args, name)
     train_cfg = TrainConfig(**train_kw, backend=args.backend, objective=args.objective, seed=args.seed)

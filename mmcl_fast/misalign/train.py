@@ -17,6 +17,14 @@ backend="reference"):
   one logaddexp. Each step encodes two batches per encoder (twice the encoder work of "clip").
 
 Adam (optionally after a linear warm-up) and gradient-norm clipping (max norm 2, as in the paper's code).
+
+Initialisation: init="torch" keeps PyTorch's default nn.Linear init, as the paper's code does. Its weights have
+variance 1/(3 fan_in), so every layer shrinks the signal (by ~6x after the LeakyReLU) and the initial
+representation is tiny (covariance eigenvalues ~1e-4) and anisotropic. The encoders then leave that saddle
+direction by direction, and in the quick preset a direction that starts last can stay collapsed for the whole run
+(the invariant semantic it should carry is then only partly learned). init="kaiming" draws every weight from
+N(0, 2 / (1 + 0.01²) / fan_in) (He init for LeakyReLU(0.01)) with zero biases, so the representation starts at unit
+scale with all directions populated.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from ..losses.infonce import infonce
 from .data import LatentModel
 
 OBJECTIVES = ("clip", "lpsimclr")
+INITS = ("torch", "kaiming")
 
 
 @dataclass
@@ -50,6 +59,7 @@ class TrainConfig:
     cosine_decay: bool = False  # False: constant lr after the warm-up, as in the paper
     backend: str = "auto"
     objective: str = "clip"  # "clip" (in-batch cross-modal negatives) or "lpsimclr" (the paper code's loss)
+    init: str = "torch"  # encoder weights: "torch" (PyTorch's default, as in the paper) or "kaiming" (He, zero bias)
     seed: int = 0
 
     def __post_init__(self):
@@ -71,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.encoding_size is not None and (not isinstance(self.encoding_size, int) or self.encoding_size < 1):
             raise ValueError(f"encoding_size must be a positive int or None, got {self.encoding_size!r}")
 
@@ -80,13 +92,27 @@ class TrainConfig:
         return out
 
 
-def make_encoder(n_in: int, n_out: int, hidden_multipliers: tuple[int, ...]) -> nn.Sequential:
-    """MLP n_in → (k · n_in for k in hidden_multipliers) → n_out with LeakyReLU(0.01): the paper's encoder."""
+ENCODER_SLOPE = 0.01
+
+
+def make_encoder(n_in: int, n_out: int, hidden_multipliers: tuple[int, ...], init: str = "torch") -> nn.Sequential:
+    """MLP n_in → (k · n_in for k in hidden_multipliers) → n_out with LeakyReLU(0.01): the paper's encoder.
+
+    init="torch": PyTorch's default nn.Linear init (the paper's); "kaiming": every weight (the output layer's too)
+    ~ N(0, 2 / (1 + 0.01²) / fan_in), biases zero. Draws from torch's global RNG.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     widths = [n_in] + [k * n_in for k in hidden_multipliers]
     layers: list[nn.Module] = []
     for w_in, w_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.01)]
+        layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(ENCODER_SLOPE)]
     layers.append(nn.Linear(widths[-1], n_out))
+    if init == "kaiming":
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, a=ENCODER_SLOPE, mode="fan_in", nonlinearity="leaky_relu")
+                nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 
@@ -139,8 +165,8 @@ def train_encoders(model: LatentModel, cfg: TrainConfig,
     encoding_size = cfg.encoding_size or len(model.bias.invariant)
     with torch.random.fork_rng(devices=[]):  # initialise from the seed without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        f_x = make_encoder(model.dim_x, encoding_size, cfg.hidden).to(model.device)
-        f_t = make_encoder(model.dim_t, encoding_size, cfg.hidden).to(model.device)
+        f_x = make_encoder(model.dim_x, encoding_size, cfg.hidden, cfg.init).to(model.device)
+        f_t = make_encoder(model.dim_t, encoding_size, cfg.hidden, cfg.init).to(model.device)
     params = list(f_x.parameters()) + list(f_t.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
