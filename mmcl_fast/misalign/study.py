@@ -46,11 +46,12 @@ class EvalConfig:
 #   semantic unlearned (one output direction spent on a perturbed semantic in one encoder, collapsed in the other).
 # - He ("kaiming") init of the encoders: with the paper code's mixers (the default since issue 14) and PyTorch's
 #   default init, the representation starts tiny (covariance eigenvalues ~1e-4) and grows direction by direction.
-#   On θ = {0..5}, ρ = {4, 5}, seeds 2 and 3, and on θ = {0..9}, ρ = {4, 5}, seed 1 (clip) the smallest eigenvalue
-#   of an encoder's representation covariance was 0.2-1.6 % of the largest after 500 steps (seeds 0 and 1 of the
-#   first setting: 24-28 %); on θ = {0,1,2,3,6,7,8}, ρ = {2,7}, seed 0 such a direction stayed collapsed for all
-#   12k steps (invariant block R² 0.78). With He init the representation starts at unit scale in every direction;
-#   the ratio at step 500 was 19-32 % on θ = {0..5}, ρ = {4, 5}, seed 2 and θ = {0..9}, ρ = {4, 5}, seed 1.
+#   On θ = {0..5}, ρ = {4, 5}, seeds 2 and 3, and on θ = {0..9}, ρ = {4, 5}, seed 1 (clip, independent) the
+#   smallest eigenvalue of one encoder's representation covariance was 0.2-0.9 % of its largest after 500 steps
+#   (seeds 0 and 1 of the first setting: 24-30 %); on θ = {0,1,2,3,6,7,8}, ρ = {2,7}, seed 0 such a direction
+#   stayed collapsed for all 12k steps (invariant block R² 0.78). With He init the representation starts at unit
+#   scale in every direction; the ratio at step 500 was 19-33 % on θ = {0..5}, ρ = {4, 5}, seed 2 and
+#   θ = {0..9}, ρ = {4, 5}, seed 1.
 # The other numbers were measured with the "spectral" mixers and PyTorch's default init.
 PRESETS = {
     "paper": dict(train=dict(steps=100_000, batch=6144, lr=1e-4, hidden=(10, 50, 50, 50, 50, 10), warmup=0,
