@@ -87,8 +87,8 @@ int main(int argc, char** argv) {
 
     std::vector<float> row_lse(n), col_lse(n), grad(n, 0.5f / static_cast<float>(n)), row_loss(n);
     std::vector<float> dx(n * d), dy(n * d), dscale(n), drow(n), dcol(n);
-    const size_t half_bytes = dtype == mmcl::kF32 ? 0 : static_cast<size_t>(n * d);
-    std::vector<uint16_t> dxh(half_bytes), dyh(half_bytes);
+    const size_t half_elems = dtype == mmcl::kF32 ? 0 : static_cast<size_t>(n * d);
+    std::vector<uint16_t> dxh(half_elems), dyh(half_elems);
     void* dx_out = dtype == mmcl::kF32 ? static_cast<void*>(dx.data()) : dxh.data();
     void* dy_out = dtype == mmcl::kF32 ? static_cast<void*>(dy.data()) : dyh.data();
 
