@@ -467,6 +467,45 @@ def test_tiny_run_is_deterministic(tmp_path):
     assert run("c", "--jobs", "2") == run("a")  # seeds in worker processes give the same numbers
 
 
+def test_merge_of_seeds_run_apart_equals_the_run_of_all_seeds(tmp_path, capsys):
+    def run(name, *extra):
+        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",
+                                     "--steps", "5", "--batch", "32", "--eval-samples", "200",
+                                     "--backend", "reference", "--no-progress", "--out", str(tmp_path / name), *extra])
+        assert args.func(args) == 0
+        return tmp_path / name
+
+    together = json.loads((run("together", "--seed", "4", "--seeds", "3") / "results.json").read_text())
+    parts = [run("seed6", "--seed", "6", "--seeds", "1"), run("seed4", "--seed", "4", "--seeds", "2")]
+    args = _parser().parse_args(["misalign", "--merge", *map(str, parts), "--out", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["seeds"] == [4, 5, 6]  # sorted by seed, whatever the order of the directories
+    for key in ("r2", "r2_std", "r2_by_seed", "text_r2", "text_r2_std", "text_r2_by_seed", "oracle_r2",
+                "oracle_r2_by_seed", "roles", "latents", "loss_history_by_seed", "pattern_check"):
+        assert merged[key] == together[key], key  # the same per-seed values in the same order: bit-equal stats
+    assert {k: v for k, v in merged["config"].items() if k != "jobs"} == \
+        {k: v for k, v in together["config"].items() if k != "jobs"}
+    assert [entry["seeds"] for entry in merged["merged_from"]] == [[6], [4, 5]]
+    assert (tmp_path / "merged" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
+    for argv, words in [([str(parts[1]), str(parts[1])], "seed(s) [4, 5] appear in more than one run"),
+                        ([str(parts[0]), str(run("steps6", "--seed", "7", "--seeds", "1", "--steps", "6"))],
+                         "config 'steps' differs (5 vs 6)"),
+                        ([str(tmp_path / "nowhere")], "no results.json in"),
+                        ]:
+        with pytest.raises(SystemExit) as info:
+            args = _parser().parse_args(["misalign", "--merge", *argv, "--out", str(tmp_path / "bad")])
+            args.func(args)
+        assert info.value.code == 2
+        assert words in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        args = _parser().parse_args(["misalign", "--merge", str(parts[0]), "--combine", str(parts[0])])
+        args.func(args)
+    assert "--combine and --merge are separate jobs" in capsys.readouterr().err
+
+
 def test_tiny_lpsimclr_run_with_the_mlp_regressor(tmp_path):
     out = tmp_path / "lp"
     args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",

@@ -128,6 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="no training: draw one heatmap (image, non-linear R²) from the results.json of "
                              "earlier runs, one column per run, into --out")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="no training: merge the results.json of earlier runs of one setting with disjoint "
+                             "seeds (e.g. seeds run on different machines, or the rest of an interrupted run) "
+                             "into one results.json (every seed's R², mean ± std) and heatmap in --out")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -179,8 +183,12 @@ def _error(args, message: str) -> int:
 
 
 def run(args) -> int:
+    if args.combine and args.merge:
+        return _error(args, "--combine and --merge are separate jobs: give one of them")
     if args.combine:
         return _combine(args)
+    if args.merge:
+        return _merge(args)
     try:
         bias, train_cfg, eval_cfg, threads, device, seeds = _settings(args)
         sweep = None
@@ -214,7 +222,6 @@ def run(args) -> int:
 
 def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds, out_dir: Path,
                  extra: dict | None = None) -> dict:
-    from .plot import heatmap, setting_label
     from .study import run_study
 
     console.print(f"[bold]misalign[/bold]: θ={list(bias.selection)} ρ={list(bias.perturbation)} "
@@ -237,8 +244,18 @@ def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seed
                             on_step=None if parallel else bar.on_step,
                             on_seed=lambda result: (bar.next_seed(), on_seed(result)),
                             extra_config={"quick": bool(args.quick), **(extra or {})})
+    _write_setting(console, results, out_dir)
+    return results
+
+
+def _write_setting(console, results: dict, out_dir: Path) -> None:
+    """results.json, heatmap.png and the R² table of one setting."""
+    from .plot import heatmap, setting_label
+
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    title = setting_label(results["config"]).replace("\n", "  ") + f"  {train_cfg.objective}, mean of {len(seeds)}"
+    n_seeds = len(results["seeds"])
+    title = (setting_label(results["config"]).replace("\n", "  ")
+             + f"  {results['config']['objective']}, mean of {n_seeds}")
     columns = [("image\nnon-linear", results["r2"]["nonlinear"]), ("image\nlinear", results["r2"]["linear"]),
                ("text\nnon-linear", results["text_r2"]["nonlinear"]), ("text\nlinear", results["text_r2"]["linear"]),
                ("oracle\n(from θ\\ρ)", results["oracle_r2"])]
@@ -246,8 +263,7 @@ def _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seed
     console.print(results_table(results))
     timing = results["timing"]
     console.print(f"train {sum(timing['train_s_by_seed']):.0f} s, eval {sum(timing['eval_s_by_seed']):.0f} s "
-                  f"over {len(seeds)} seed(s); wrote {out_dir / 'results.json'} and {png}")
-    return results
+                  f"over {n_seeds} seed(s); wrote {out_dir / 'results.json'} and {png}")
 
 
 def _run_sweep(args, console, sweep, train_cfg, eval_cfg, threads, device, seeds, out_dir: Path) -> None:
@@ -332,6 +348,27 @@ def _combine(args) -> int:
     png = heatmap(columns, runs[0]["roles"] if len(runs) == 1 else None, out_dir / "heatmap_combined.png",
                   "non-linear R² from the image representation (mean over seeds), one column per setting")
     print(f"wrote {png}")
+    return 0
+
+
+def _merge(args) -> int:
+    from rich.console import Console
+
+    from .study import merge_results
+
+    documents = []
+    for directory in args.merge:
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            return _error(args, f"--merge: no results.json in {directory}")
+        documents.append(json.loads(path.read_text()))
+    try:
+        results = merge_results(documents, sources=[str(directory) for directory in args.merge])
+    except ValueError as exc:
+        return _error(args, f"--merge: {exc}")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_setting(Console(), results, out_dir)
     return 0
 
 

@@ -203,9 +203,6 @@ def run_study(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
                 per_seed.append(result)
                 if on_seed is not None:
                     on_seed(result)
-    image, image_std, image_by_seed = _aggregate(per_seed, "image")
-    text, text_std, text_by_seed = _aggregate(per_seed, "text")
-    oracle_by_seed = {name: [run["oracle"][name] for run in per_seed] for name in per_seed[0]["oracle"]}
     config = {
         "selection": list(bias.selection), "perturbation": list(bias.perturbation),
         "invariant": list(bias.invariant), "dependent": bias.dependent, "change_prob": bias.change_prob,
@@ -215,22 +212,85 @@ def run_study(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
         "jobs": jobs, "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
         "mlp_regressor": mlp, **(extra_config or {}),
     }
+    return assemble_results(per_seed, config, latent_names(bias), roles(bias), _environment(device))
+
+
+def _environment(device: torch.device) -> dict:
+    return {"mmcl_fast": __version__, "torch": torch.__version__, "commit": _git_commit(),
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "cpu_count": torch.multiprocessing.cpu_count(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def assemble_results(per_seed: list[dict], config: dict, latents: list[str], roles_: dict[str, str],
+                     environment: dict) -> dict:
+    """The results.json document of one setting from its per-seed runs (`run_seed`'s dicts, in seed order)."""
+    image, image_std, image_by_seed = _aggregate(per_seed, "image")
+    text, text_std, text_by_seed = _aggregate(per_seed, "text")
+    oracle_by_seed = {name: [run["oracle"][name] for run in per_seed] for name in per_seed[0]["oracle"]}
     results = {
         "config": config,
-        "seeds": seeds,
-        "latents": list(latent_names(bias)),
+        "seeds": [run["seed"] for run in per_seed],
+        "latents": list(latents),
         "r2": image, "r2_std": image_std, "r2_by_seed": image_by_seed,
         "text_r2": text, "text_r2_std": text_std, "text_r2_by_seed": text_by_seed,
         "oracle_r2": {name: statistics.fmean(values) for name, values in oracle_by_seed.items()},
         "oracle_r2_by_seed": oracle_by_seed,
-        "roles": roles(bias),
+        "roles": dict(roles_),
         "loss_history_by_seed": {str(run["seed"]): run["loss_history"] for run in per_seed},
         "timing": {"train_s_by_seed": [run["train_s"] for run in per_seed],
                    "eval_s_by_seed": [run["eval_s"] for run in per_seed]},
-        "environment": {"mmcl_fast": __version__, "torch": torch.__version__, "commit": _git_commit(),
-                        "machine": platform.machine(), "processor": platform.processor() or None,
-                        "cpu_count": torch.multiprocessing.cpu_count(),
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "environment": environment,
     }
     results["pattern_check"] = pattern_check(results)
     return results
+
+
+# config keys that may differ between runs of one setting that are merged: which seeds ran, and how they were run
+_MERGE_FREE_KEYS = ("seed", "jobs")
+
+
+def _per_seed_runs(results: dict) -> list[dict]:
+    """Undo `assemble_results`: one `run_seed`-like dict per seed of a results.json document."""
+    runs = []
+    for k, seed in enumerate(results["seeds"]):
+        runs.append({
+            "seed": seed,
+            "image": {reg: {name: values[k] for name, values in by_name.items()}
+                      for reg, by_name in results["r2_by_seed"].items()},
+            "text": {reg: {name: values[k] for name, values in by_name.items()}
+                     for reg, by_name in results["text_r2_by_seed"].items()},
+            "oracle": {name: values[k] for name, values in results["oracle_r2_by_seed"].items()},
+            "loss_history": results["loss_history_by_seed"][str(seed)],
+            "train_s": results["timing"]["train_s_by_seed"][k], "eval_s": results["timing"]["eval_s_by_seed"][k],
+        })
+    return runs
+
+
+def merge_results(documents: list[dict], sources: list[str] | None = None) -> dict:
+    """One results.json document from several runs of the same setting with disjoint seeds (seeds run apart, on
+    other machines or after an interruption). Raises ValueError naming the first config key that differs or the
+    seeds that repeat. The merged document lists each source's environment under `merged_from`."""
+    if not documents:
+        raise ValueError("merge needs at least one results document")
+    sources = sources or [f"run {i}" for i in range(len(documents))]
+    first = documents[0]["config"]
+    for source, doc in zip(sources[1:], documents[1:]):
+        config = doc["config"]
+        for key in sorted(set(first) | set(config)):
+            if key not in _MERGE_FREE_KEYS and first.get(key) != config.get(key):
+                raise ValueError(f"cannot merge {sources[0]} and {source}: config {key!r} differs "
+                                 f"({first.get(key)!r} vs {config.get(key)!r}); only runs of one setting merge")
+    per_seed = [run for doc in documents for run in _per_seed_runs(doc)]
+    seeds = [run["seed"] for run in per_seed]
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ValueError(f"cannot merge: seed(s) {repeated} appear in more than one run")
+    order = sorted(range(len(per_seed)), key=lambda i: seeds[i])
+    per_seed = [per_seed[i] for i in order]
+    config = {**first, "seed": per_seed[0]["seed"], "jobs": None}
+    merged = assemble_results(per_seed, config, documents[0]["latents"], documents[0]["roles"],
+                              environment=documents[0]["environment"])
+    merged["merged_from"] = [{"source": source, "seeds": doc["seeds"], "environment": doc["environment"]}
+                             for source, doc in zip(sources, documents)]
+    return merged
