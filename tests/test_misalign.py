@@ -556,6 +556,30 @@ def test_tiny_sweep_writes_one_run_per_k_and_a_plot(tmp_path):
     assert (out / "sweep_perturbation.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_path):
+    def sweep(name, *extra):
+        args = _parser().parse_args(["misalign", "--quick", "--sweep", "selection", "--sweep-values", "2,3",
+                                     "--seeds", "2", "--steps", "5", "--batch", "32", "--eval-samples", "200",
+                                     "--backend", "reference", "--no-progress", "--out", str(tmp_path / name),
+                                     *extra])
+        assert args.func(args) == 0
+        summary = json.loads((tmp_path / name / "sweep.json").read_text())
+        runs = [json.loads((tmp_path / name / f"k{k}" / "results.json").read_text()) for k in (2, 3)]
+        return summary, runs
+
+    sequential, runs_seq = sweep("sequential")
+    parallel, runs_par = sweep("parallel", "--jobs", "3")  # 4 (k, seed) jobs over 3 workers
+    assert [p["r2"] for p in parallel["points"]] == [p["r2"] for p in sequential["points"]]
+    for seq, par in zip(runs_seq, runs_par):
+        assert par["seeds"] == seq["seeds"] == [0, 1]
+        assert par["r2_by_seed"] == seq["r2_by_seed"] and par["loss_history_by_seed"] == seq["loss_history_by_seed"]
+        assert par["config"]["k"] == seq["config"]["k"] and par["config"]["jobs"] == 3
+    for k in (2, 3):
+        assert sorted(p.name for p in (tmp_path / "parallel" / f"k{k}").glob("seed_*.json")) == \
+            ["seed_0.json", "seed_1.json"]
+        assert (tmp_path / "parallel" / f"k{k}" / "heatmap.png").is_file()
+
+
 # --------------------------------------------------------------------------------------------- the paper's pattern
 # Acceptance (issue 14): quick mode, three seeds, both objectives, on a setting the preset was not tuned on
 # (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean.

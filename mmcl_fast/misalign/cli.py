@@ -91,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score an MLP regressor (scikit-learn MLPRegressor, 100 hidden units) beside "
                              "kernel ridge, as the paper's lighter option")
     parser.add_argument("--jobs", type=_positive_int, default=1,
-                        help="seeds (or sweep points) trained in parallel worker processes, each on --threads "
-                             "threads (default: 1)")
+                        help="seeds, and with --sweep every (k, seed) pair, trained in parallel worker "
+                             "processes, each on --threads threads (default: 1)")
     parser.add_argument("--sweep", choices=SWEEPS,
                         help="the paper's sweeps, one run per k: selection θ = {0..k-1}, ρ = ∅ (k = 1..10); "
                              "perturbation θ = {0..9}, ρ = {0..k-1} (k = 0..9). Ignores --selection/--perturbation")
@@ -269,10 +269,33 @@ def _write_setting(console, results: dict, out_dir: Path) -> None:
 def _run_sweep(args, console, sweep, train_cfg, eval_cfg, threads, device, seeds, out_dir: Path) -> None:
     from .plot import sweep_plot
 
+    if args.jobs > 1 and len(sweep) > 1:  # every (k, seed) pair is one job of one worker pool
+        from .study import run_studies
+
+        console.print(f"[bold]misalign[/bold] --sweep {args.sweep}: k = {[k for k, _ in sweep]} | "
+                      f"{train_cfg.objective}, seeds {seeds[0]}..{seeds[-1]}, steps {train_cfg.steps}, "
+                      f"{args.jobs} workers")
+
+        def on_seed(index: int, result: dict) -> None:
+            k_dir = out_dir / f"k{sweep[index][0]}"
+            k_dir.mkdir(parents=True, exist_ok=True)
+            (k_dir / f"seed_{result['seed']}.json").write_text(json.dumps(result, indent=1) + "\n")
+            console.print(f"  k = {sweep[index][0]}, seed {result['seed']}: train {result['train_s']:.0f} s, "
+                          f"image non-linear R² of the invariant block {result['image']['nonlinear']['s_inv']:.3f}")
+
+        documents = run_studies([bias for _, bias in sweep], train_cfg, eval_cfg, seeds=seeds, device=device,
+                                mixer=args.mixer, mlp=args.mlp_regressor, jobs=args.jobs, threads=threads,
+                                on_seed=on_seed,
+                                extra_configs=[{"quick": bool(args.quick), "sweep": args.sweep, "k": k}
+                                               for k, _ in sweep])
+        for (k, _), results in zip(sweep, documents):
+            (out_dir / f"k{k}").mkdir(parents=True, exist_ok=True)
+            _write_setting(console, results, out_dir / f"k{k}")
+    else:
+        documents = [_run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds,
+                                  out_dir / f"k{k}", extra={"sweep": args.sweep, "k": k}) for k, bias in sweep]
     points = []
-    for k, bias in sweep:
-        results = _run_setting(args, console, bias, train_cfg, eval_cfg, threads, device, seeds, out_dir / f"k{k}",
-                               extra={"sweep": args.sweep, "k": k})
+    for (k, bias), results in zip(sweep, documents):
         points.append({"k": k, "dir": f"k{k}", "selection": list(bias.selection),
                        "perturbation": list(bias.perturbation), "roles": results["roles"],
                        "r2": results["r2"], "r2_std": results["r2_std"], "text_r2": results["text_r2"],

@@ -178,41 +178,65 @@ def run_study(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
     seeds: the seeds to run (default: `train_cfg.seed` alone). jobs > 1 runs seeds in that many worker processes
     (each on `threads` threads; `on_step` is then not called). `on_seed(result)` is called as each seed finishes.
     """
+    return run_studies([bias], train_cfg, eval_cfg, seeds=seeds, device=device, mixer=mixer, mlp=mlp, jobs=jobs,
+                       threads=threads, on_step=on_step,
+                       on_seed=None if on_seed is None else (lambda _, result: on_seed(result)),
+                       extra_configs=[extra_config])[0]
+
+
+def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: EvalConfig, *, seeds=None,
+                device: str = "cpu", mixer: str = "paper", mlp: bool = False, jobs: int = 1,
+                threads: int | None = None, on_step: Callable[[int, float], None] | None = None,
+                on_seed: Callable[[int, dict], None] | None = None,
+                extra_configs: list[dict | None] | None = None) -> list[dict]:
+    """`run_study` for several settings (a sweep's points) with the same seeds: every (setting, seed) pair is one
+    job, so jobs > 1 keeps that many workers busy whether the work is many seeds or many points. Returns one
+    results.json document per setting, in order; `on_seed(setting_index, result)` is called as each job ends."""
     seeds = [train_cfg.seed] if seeds is None else [int(seed) for seed in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    if not settings:
+        raise ValueError("settings must hold at least one BiasConfig")
+    extra_configs = extra_configs or [None] * len(settings)
+    if len(extra_configs) != len(settings):
+        raise ValueError(f"extra_configs needs one entry per setting ({len(settings)}), got {len(extra_configs)}")
     device = torch.device(device)
     resolved = resolve_backend(train_cfg.backend, device, torch.float32)
-    configs = [replace(train_cfg, seed=seed) for seed in seeds]
-    per_seed: list[dict] = []
-    if jobs == 1 or len(seeds) == 1:
-        for cfg in configs:
-            per_seed.append(run_seed(bias, cfg, eval_cfg, device=str(device), mixer=mixer, mlp=mlp, threads=threads,
-                                     on_step=on_step))
+    pairs = [(index, replace(train_cfg, seed=seed)) for index in range(len(settings)) for seed in seeds]
+    per_seed: list[list[dict]] = [[] for _ in settings]
+    if jobs == 1 or len(pairs) == 1:
+        for index, cfg in pairs:
+            result = run_seed(settings[index], cfg, eval_cfg, device=str(device), mixer=mixer, mlp=mlp,
+                              threads=threads, on_step=on_step)
+            per_seed[index].append(result)
             if on_seed is not None:
-                on_seed(per_seed[-1])
+                on_seed(index, result)
     else:
         import multiprocessing
 
-        jobs_ = [(bias, cfg, eval_cfg, str(device), mixer, mlp, threads or 1) for cfg in configs]
-        with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)),
+        jobs_ = [(settings[index], cfg, eval_cfg, str(device), mixer, mlp, threads or 1) for index, cfg in pairs]
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pairs)),
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
-            for result in pool.map(_run_seed_in_worker, jobs_):
-                per_seed.append(result)
+            for (index, _), result in zip(pairs, pool.map(_run_seed_in_worker, jobs_)):
+                per_seed[index].append(result)
                 if on_seed is not None:
-                    on_seed(result)
-    config = {
-        "selection": list(bias.selection), "perturbation": list(bias.perturbation),
-        "invariant": list(bias.invariant), "dependent": bias.dependent, "change_prob": bias.change_prob,
-        **train_cfg.as_dict(), "seed": seeds[0],
-        "encoding_size": train_cfg.encoding_size or len(bias.invariant), "mixer": mixer,
-        "resolved_backend": resolved, "device": str(device), "threads": threads or torch.get_num_threads(),
-        "jobs": jobs, "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
-        "mlp_regressor": mlp, **(extra_config or {}),
-    }
-    return assemble_results(per_seed, config, latent_names(bias), roles(bias), _environment(device))
+                    on_seed(index, result)
+    environment = _environment(device)
+    documents = []
+    for bias, runs, extra in zip(settings, per_seed, extra_configs):
+        config = {
+            "selection": list(bias.selection), "perturbation": list(bias.perturbation),
+            "invariant": list(bias.invariant), "dependent": bias.dependent, "change_prob": bias.change_prob,
+            **train_cfg.as_dict(), "seed": seeds[0],
+            "encoding_size": train_cfg.encoding_size or len(bias.invariant), "mixer": mixer,
+            "resolved_backend": resolved, "device": str(device), "threads": threads or torch.get_num_threads(),
+            "jobs": jobs, "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
+            "mlp_regressor": mlp, **(extra or {}),
+        }
+        documents.append(assemble_results(runs, config, latent_names(bias), roles(bias), environment))
+    return documents
 
 
 def _environment(device: torch.device) -> dict:
