@@ -581,39 +581,55 @@ def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- the paper's pattern
-# Acceptance (issue 14): quick mode, three seeds, both objectives, on a setting the preset was not tuned on
-# (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean.
+# Acceptance (issue 14): quick mode, three seeds, both objectives, on settings the preset was not tuned on
+# (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean. "acceptance" is the
+# setting the issue's runs were checked on; "heldout" was chosen before any run of it, after the preset's step
+# count had been set from runs on "acceptance" (README, misalignment study).
 
-ACCEPTANCE_SETTING = ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,7"]
+SETTINGS = {"acceptance": ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,7"],
+            "heldout": ["--selection", "1,2,4,5,7,9", "--perturbation", "4,9"]}
 
 
 def _quick_run(tmp_path, argv):
-    args = _parser().parse_args(["misalign", "--quick", "--no-progress", "--out", str(tmp_path), *argv])
+    args = _parser().parse_args(["misalign", "--quick", "--no-progress", "--jobs", "2", "--out", str(tmp_path),
+                                 *argv])
     assert args.func(args) == 0
     return json.loads((tmp_path / "results.json").read_text())
 
 
+def _by_role(results) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name in [f"s{i}" for i in range(10)] + ["m_x", "m_t"]:
+        out.setdefault(results["roles"][name], []).append(name)
+    return out
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("objective", ["clip", "lpsimclr"])
-def test_quick_mode_recovers_exactly_the_invariant_semantics_for_every_seed(objective, tmp_path):
-    results = _quick_run(tmp_path, [*ACCEPTANCE_SETTING, "--objective", objective, "--seeds", "3"])
-    by_seed = results["r2_by_seed"]["nonlinear"]
+def test_quick_mode_recovers_exactly_the_invariant_semantics_for_every_seed(objective, setting, tmp_path):
+    results = _quick_run(tmp_path, [*SETTINGS[setting], "--objective", objective, "--seeds", "3"])
+    by_seed, roles_ = results["r2_by_seed"]["nonlinear"], _by_role(results)
+    assert len(roles_["invariant"]) >= 4 and roles_["perturbed"] and roles_["excluded"]
     for k, seed in enumerate(results["seeds"]):
-        for i in (0, 1, 3, 6, 8):
-            assert by_seed[f"s{i}"][k] >= 0.8, f"seed {seed}: invariant s{i}: R² {by_seed[f's{i}'][k]:.2f}"
-        for name in ("s2", "s7", "s4", "s5", "s9", "m_x", "m_t"):  # perturbed, dropped, modality-specific
+        for name in roles_["invariant"]:
+            assert by_seed[name][k] >= 0.8, f"seed {seed}: invariant {name}: R² {by_seed[name][k]:.2f}"
+        for name in roles_["perturbed"] + roles_["excluded"] + roles_["specific"]:
             assert by_seed[name][k] <= 0.3, f"seed {seed}: {name}: R² {by_seed[name][k]:.2f}"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("objective", ["clip", "lpsimclr"])
-def test_quick_mode_dependent_case_recovers_what_the_invariant_block_predicts_for_every_seed(objective, tmp_path):
-    results = _quick_run(tmp_path, [*ACCEPTANCE_SETTING, "--dependent", "--objective", objective, "--seeds", "3"])
-    by_seed, oracle = results["r2_by_seed"]["nonlinear"], results["oracle_r2_by_seed"]
+def test_quick_mode_dependent_case_recovers_what_the_invariant_block_predicts_for_every_seed(objective, setting,
+                                                                                             tmp_path):
+    results = _quick_run(tmp_path, [*SETTINGS[setting], "--dependent", "--objective", objective, "--seeds", "3"])
+    by_seed, oracle, roles_ = results["r2_by_seed"]["nonlinear"], results["oracle_r2_by_seed"], _by_role(results)
     for k, seed in enumerate(results["seeds"]):
-        for i in (0, 1, 3, 6, 8):
-            assert by_seed[f"s{i}"][k] >= 0.8, f"seed {seed}: invariant s{i}: R² {by_seed[f's{i}'][k]:.2f}"
-        for i in (2, 4, 5, 7, 9):  # partial: what the invariant block predicts, not more, not nothing
-            gap = by_seed[f"s{i}"][k] - oracle[f"s{i}"][k]
-            assert abs(gap) <= 0.1, f"seed {seed}: s{i}: R² {by_seed[f's{i}'][k]:.2f}, oracle {oracle[f's{i}'][k]:.2f}"
-        assert by_seed["m_x"][k] <= 0.3 and by_seed["m_t"][k] <= 0.3
+        for name in roles_["invariant"]:
+            assert by_seed[name][k] >= 0.8, f"seed {seed}: invariant {name}: R² {by_seed[name][k]:.2f}"
+        for name in roles_["perturbed"] + roles_["excluded"]:  # what the invariant block predicts, no more or less
+            gap = by_seed[name][k] - oracle[name][k]
+            assert abs(gap) <= 0.1, f"seed {seed}: {name}: R² {by_seed[name][k]:.2f}, oracle {oracle[name][k]:.2f}"
+        for name in roles_["specific"]:
+            assert by_seed[name][k] <= 0.3, f"seed {seed}: {name}: R² {by_seed[name][k]:.2f}"
