@@ -48,6 +48,7 @@ struct KernelTable {
 
 // One table per translation unit; which ones exist depends on the target architecture (CMakeLists.txt), and
 // isa.h lists the compiled ones.
+extern const KernelTable amxbf16_table;     // x86-64
 extern const KernelTable avx512bf16_table;  // x86-64
 extern const KernelTable avx512_table;      // x86-64
 extern const KernelTable avx2_table;        // x86-64

@@ -3,6 +3,12 @@
 
 #include <stdexcept>
 
+#if defined(MMCL_FAST_ISA_AMX)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace mmcl {
 namespace {
 
@@ -21,6 +27,22 @@ bool has_avx512() {
 #if defined(MMCL_FAST_ISA_AVX512BF16)
 bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #endif
+#if defined(MMCL_FAST_ISA_AMX)
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and Linux's permission for this process to use the
+// tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18; without it the first tile instruction
+// faults). Asked once; a kernel that refuses (or predates AMX) leaves the avx512-bf16 build in charge.
+bool has_amx_bf16() {
+    static const bool ok = [] {
+        if (!has_avx512_bf16()) return false;
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        if (!((d >> 24) & 1u) || !((d >> 22) & 1u)) return false;
+        constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return ok;
+}
+#endif
 #endif
 
 }  // namespace
@@ -28,6 +50,9 @@ bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf
 const std::vector<IsaBuild>& compiled_isas() {
     static const std::vector<IsaBuild> builds = {
 #if defined(MMCL_FAST_ISA_X86)
+#if defined(MMCL_FAST_ISA_AMX)
+        {&amxbf16_table, &has_amx_bf16},
+#endif
 #if defined(MMCL_FAST_ISA_AVX512BF16)
         {&avx512bf16_table, &has_avx512_bf16},
 #endif

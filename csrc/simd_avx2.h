@@ -17,6 +17,7 @@ struct VecAvx2 {
     // 96/192/288/384: the sigmoid sweep 110 -> 131 GFLOP/s against 192 x 96, the CLIP fwd+bwd 123 -> 127-141).
     static constexpr int lanes = 8, MR = 6, NRV = 2, MC = 96, NC = 288;
     static constexpr bool has_bf16_dot = false;
+    static constexpr bool has_amx = false;
     template <int MR_, int NRV_>
     static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
 

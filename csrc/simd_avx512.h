@@ -14,7 +14,14 @@ struct VecAvx512 {
     // 32 zmm registers: a 6 x 4-vector (6 x 64) accumulator tile (24) + 4 B vectors + 1 broadcast.
     static constexpr int lanes = 16, MR = 6, NRV = 4, MC = 96, NC = 192;
 #ifdef __AVX512BF16__
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    // bf16 inputs run all three GEMMs on AMX tiles (amx.h); fp32 / fp16 inputs take the AVX-512 fp32 path.
+    static constexpr const char* name = "amx-bf16";
+    static constexpr bool has_amx = true;
+#else
     static constexpr const char* name = "avx512-bf16";
+    static constexpr bool has_amx = false;
+#endif
     static constexpr bool has_bf16_dot = true;
 
     // C[r, 0:16*NRV] = sum_kp A(r, kp) . B(kp, :) over bf16 pairs with vdpbf16ps (exact products, fp32 sums).
@@ -42,6 +49,7 @@ struct VecAvx512 {
 #else
     static constexpr const char* name = "avx512";
     static constexpr bool has_bf16_dot = false;
+    static constexpr bool has_amx = false;
     template <int MR_, int NRV_>
     static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
 #endif

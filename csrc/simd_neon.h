@@ -14,6 +14,7 @@ struct VecNeon {
     // 32 vector registers: an 8 x 3-vector (8 x 12) accumulator tile (24) + 3 B vectors + 1 broadcast.
     static constexpr int lanes = 4, MR = 8, NRV = 3, MC = 96, NC = 192;
     static constexpr bool has_bf16_dot = false;
+    static constexpr bool has_amx = false;
     template <int MR_, int NRV_>
     static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
 

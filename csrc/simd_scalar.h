@@ -18,6 +18,7 @@ struct VecScalar {
     // measured 3-4x faster on SSE2 than 8-lane arrays (which the compiler splits and spills).
     static constexpr int MR = 6, NRV = 2, MC = 96, NC = 192;
     static constexpr bool has_bf16_dot = false;
+    static constexpr bool has_amx = false;
     template <int MR_, int NRV_>
     static inline void bf16_dot_kernel(int64_t, const uint16_t*, int64_t, const uint16_t*, float*, int64_t) {}
 

@@ -36,6 +36,25 @@
 
 #include "dispatch.h"
 #include "half.h"
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "amx.h"
+#else
+namespace mmcl {
+namespace MMCL_ISA {
+// Declared, never defined: the AMX branches of TileSweep are discarded (`if constexpr (V::has_amx)`) in every
+// build but amx-bf16, yet their names must resolve.
+void amx_configure();
+void amx_release();
+template <int NA>
+void amx_block(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, const uint16_t*, float*, int64_t,
+               bool);
+void pack_vnni_transposed(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
+void pack_vnni_pairs(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*);
+void split_gradient_tile(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, float*,
+                         int64_t, uint16_t*, uint16_t*);
+}  // namespace MMCL_ISA
+}  // namespace mmcl
+#endif
 
 // Each ISA build compiles this header into its own namespace (MMCL_ISA), so that no inline function compiled
 // with AVX-512 flags can be merged by the linker into the portable build.
@@ -132,11 +151,30 @@ struct TileScratch {
     // (d2 / 2) x NR x 2 bf16 pairs, d2 = d rounded up to even (zero-padded).
     std::vector<uint16_t> x_bf;
     std::vector<uint16_t> y_pack_bf;
-    TileScratch(int64_t d, int64_t dp, bool bf16_dot)
-        : x_blk(MC * dp), y_row(dp), y_pack(NC * std::max<int64_t>(d, 1)), y_grad(NC * dp), x_grad(MC * dp),
+    // AMX path (amx.h; bf16 inputs on the amx-bf16 build), d32 = d rounded up to 32: the row block as A rows
+    // (MC x d32), the column block as VNNI panels of Y^T (NC x d32), both blocks as VNNI row pairs for the
+    // gradient GEMMs (NC x dp, MC x dp), and the gradient weights split into bf16 hi / lo, plain and transposed.
+    std::vector<uint16_t> amx_x, amx_yt, amx_yg, amx_xg, amx_g_hi, amx_g_lo, amx_gt_hi, amx_gt_lo;
+    std::vector<float> amx_gt;
+    TileScratch(int64_t d, int64_t dp, bool bf16_dot, bool amx = false)
+        : x_blk(amx ? 0 : MC * dp), y_row(dp), y_pack(amx ? 0 : NC * std::max<int64_t>(d, 1)),
+          y_grad(amx ? 0 : NC * dp), x_grad(amx ? 0 : MC * dp),
           tile(MC * NC), col_bias(NC),
           col_aux(NC), col_aux2(NC), col_aux3(NC), x_bf(bf16_dot ? MC * round_up(d, 2) : 0),
-          y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {}
+          y_pack_bf(bf16_dot ? NC * round_up(d, 2) : 0) {
+        if (amx) {
+            const int64_t d32 = round_up(d, 32);
+            amx_x.assign(MC * d32, 0);
+            amx_yt.assign(NC * d32, 0);
+            amx_yg.assign(NC * dp, 0);
+            amx_xg.assign(MC * dp, 0);
+            amx_g_hi.assign(MC * NC, 0);
+            amx_g_lo.assign(MC * NC, 0);
+            amx_gt_hi.assign(NC * MC, 0);
+            amx_gt_lo.assign(NC * MC, 0);
+            amx_gt.assign(NC * MC, 0.0f);
+        }
+    }
 };
 
 template <class V>
@@ -149,13 +187,17 @@ struct TileSweep {
     const Problem p;
     int64_t dp;                          // d padded to NR
     int64_t d2;                          // d padded to even (bf16 pairs)
+    bool amx;                            // bf16 inputs on the amx-bf16 build: all three GEMMs on AMX tiles (amx.h)
     bool bf16_dot;                       // bf16 inputs on a CPU with AVX512-BF16: similarity GEMM on bf16 pairs
     int threads;
     std::vector<int64_t> row_groups;     // block-aligned boundaries, size threads + 1
     std::vector<int64_t> col_groups;
 
     TileSweep(const Problem& prob, int nthreads)
-        : p(prob), dp(round_up(prob.d, NR)), d2(round_up(prob.d, 2)), bf16_dot(V::has_bf16_dot && prob.dtype == kBF16) {
+        : p(prob), dp(round_up(prob.d, NR)), d2(round_up(prob.d, 2)), amx(V::has_amx && prob.dtype == kBF16),
+          bf16_dot(V::has_bf16_dot && prob.dtype == kBF16 && !amx) {
+        static_assert(!V::has_amx || (MC % 32 == 0 && NC % 32 == 0 && NR % 32 == 0),
+                      "the AMX path needs MC, NC and NR multiples of 32");
         const int64_t row_blocks = (p.n + MC - 1) / MC, col_blocks = (p.m + NC - 1) / NC;
         threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max(row_blocks, col_blocks))));
         row_groups = split(row_blocks, MC, p.n);
@@ -173,6 +215,16 @@ struct TileSweep {
     // NR-wide transposed panels (fp32, or bf16 pairs on the bf16 path); the gradient GEMMs read fp32 rows
     // (`need_f32_rows`).
     void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_f32_rows) const {
+        if constexpr (V::has_amx) {
+            if (amx) {
+                const uint16_t* y = static_cast<const uint16_t*>(p.y) + j0 * p.y_rs;
+                pack_vnni_transposed(y, p.y_rs, nc, p.d, round_up(p.d, 32), s.amx_yt.data());
+                if (need_f32_rows) pack_vnni_pairs(y, p.y_rs, nc, p.d, dp, NC, s.amx_yg.data());
+                for (int64_t c = 0; c < NC; ++c)
+                    s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
+                return;
+            }
+        }
         const int64_t panels = round_up(nc, NR) / NR;
         if (bf16_dot) {
             const uint16_t* y = static_cast<const uint16_t*>(p.y);
@@ -212,6 +264,19 @@ struct TileSweep {
     // Load row block [i0, i0 + mc): fp32 rows for the fp32 similarity GEMM and the gradient GEMMs, raw bf16 rows
     // for the bf16 similarity GEMM.
     void load_row_block(Scratch& s, int64_t i0, int64_t mc, bool need_f32_rows) const {
+        if constexpr (V::has_amx) {
+            if (amx) {
+                const int64_t d32 = round_up(p.d, 32);
+                const uint16_t* x = static_cast<const uint16_t*>(p.x) + i0 * p.x_rs;
+                for (int64_t r = 0; r < round_up(mc, 32); ++r) {
+                    uint16_t* out = s.amx_x.data() + r * d32;
+                    if (r < mc) std::memcpy(out, x + r * p.x_rs, sizeof(uint16_t) * p.d);
+                    std::fill(out + (r < mc ? p.d : 0), out + d32, uint16_t(0));
+                }
+                if (need_f32_rows) pack_vnni_pairs(x, p.x_rs, mc, p.d, dp, MC, s.amx_xg.data());
+                return;
+            }
+        }
         if (bf16_dot) {
             const uint16_t* x = static_cast<const uint16_t*>(p.x);
             for (int64_t r = 0; r < round_up(mc, MR); ++r) {
@@ -241,6 +306,17 @@ struct TileSweep {
 
     // tile[i, j] = <x_i, y_j> for the loaded blocks (rows padded to MR, columns to NR).
     void similarity_tile(Scratch& s, int64_t mc, int64_t nc) const {
+        if constexpr (V::has_amx) {
+            if (amx) {
+                const int64_t d32 = round_up(p.d, 32), m32 = round_up(mc, 32), n32 = round_up(nc, 32);
+                amx_configure();
+                for (int64_t i = 0; i < m32; i += 32)
+                    for (int64_t q = 0; q < n32; q += 32)
+                        amx_block<1>(d32 / 32, s.amx_x.data() + i * d32, nullptr, d32, s.amx_yt.data() + q * d32,
+                                     s.amx_yt.data() + (q + 16) * d32, s.tile.data() + i * NC + q, NC, false);
+                return;
+            }
+        }
         const int64_t mpad = round_up(mc, MR), npad = round_up(nc, NR);
         for (int64_t q = 0; q < npad / NR; ++q) {
             if constexpr (V::has_bf16_dot) {
@@ -270,7 +346,7 @@ struct TileSweep {
 #else
             const int t = 0;
 #endif
-            Scratch s(p.d, dp, bf16_dot);
+            Scratch s(p.d, dp, bf16_dot, amx);
             for (int step = 0; step < threads; ++step) {
                 const int cg = (t + step) % threads;
                 for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
@@ -285,12 +361,34 @@ struct TileSweep {
                 }
 #pragma omp barrier
             }
+            if constexpr (V::has_amx) {
+                if (amx) amx_release();
+            }
         }
     }
 
     // dX_I += G' Y_J (k over the tile's columns) and dY_J += G'^T X_I (k over the tile's rows).
     void gradient_gemms(Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc, float* dx_acc,
                         float* dy_acc) const {
+        if constexpr (V::has_amx) {
+            if (amx) {
+                const int64_t m32 = round_up(mc, 32), n32 = round_up(nc, 32);
+                split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(), s.amx_g_lo.data(),
+                                    s.amx_gt.data(), MC, s.amx_gt_hi.data(), s.amx_gt_lo.data());
+                amx_configure();
+                for (int64_t d0 = 0; d0 < dp; d0 += 32) {
+                    for (int64_t i = 0; i < m32; i += 32)
+                        amx_block<2>(n32 / 32, s.amx_g_hi.data() + i * NC, s.amx_g_lo.data() + i * NC, NC,
+                                     s.amx_yg.data() + d0 * NC, s.amx_yg.data() + (d0 + 16) * NC,
+                                     dx_acc + (i0 + i) * dp + d0, dp, true);
+                    for (int64_t j = 0; j < n32; j += 32)
+                        amx_block<2>(m32 / 32, s.amx_gt_hi.data() + j * MC, s.amx_gt_lo.data() + j * MC, MC,
+                                     s.amx_xg.data() + d0 * MC, s.amx_xg.data() + (d0 + 16) * MC,
+                                     dy_acc + (j0 + j) * dp + d0, dp, true);
+                }
+                return;
+            }
+        }
         const int64_t mpad = round_up(mc, MR), npad = round_up(nc, MR);
         if (mc < mpad)  // padded tile rows must not feed dY
             std::fill(s.tile.data() + mc * NC, s.tile.data() + mpad * NC, 0.0f);

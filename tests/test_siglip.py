@@ -277,7 +277,7 @@ def test_core_rejects_bad_problem_structs():
         C.Matrix(x.data_ptr(), 6, 4, 2, 0)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512-bf16", "neon"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512-bf16", "amx-bf16", "neon"])
 def test_every_isa_build(isa):
     from mmcl_fast.backends import cpu
     if not cpu.available() or not cpu.compiled_isas().get(isa):

@@ -3,10 +3,12 @@
 Forward: one sweep over MC x NC tiles gives row and column LSE (1 N*M*D GEMM-equivalent). Backward: one
 recompute sweep gives dX, dY, dscale, drow_bias, dcol_bias (3 GEMM-equivalents). Memory: O((N + M) * D) fp32
 gradient accumulators plus per-thread tiles; never N x M. bf16/fp16 features are read as they are: on a CPU with
-AVX512-BF16 the similarity GEMM runs on bf16 pairs (vdpbf16ps: exact products, fp32 sums); otherwise, and for
-the gradient GEMMs, blocks are converted to fp32 one tile at a time. All accumulation is fp32. Threads: `torch.get_num_threads()`.
+AMX (Sapphire Rapids and later) all three GEMMs of bf16 inputs run on AMX tiles, the gradient weights split into
+two bf16 parts (csrc/amx.h); with AVX512-BF16 alone the similarity GEMM runs on bf16 pairs (vdpbf16ps: exact
+products, fp32 sums); otherwise, and for the gradient GEMMs, blocks are converted to fp32 one tile at a time. All
+accumulation is fp32. Threads: `torch.get_num_threads()`.
 
-ISA builds (csrc/isa.cpp): x86-64 has avx512-bf16, avx512, avx2 (AVX2 + FMA + F16C) and the portable scalar build;
+ISA builds (csrc/isa.cpp): x86-64 has amx-bf16, avx512-bf16, avx512, avx2 (AVX2 + FMA + F16C) and the portable scalar build;
 aarch64 has neon and scalar. The best one the CPU runs is picked at import; MMCL_FAST_CPU_ISA or `set_isa` names
 another, and naming one the CPU lacks raises instead of executing unknown instructions.
 """
@@ -34,7 +36,7 @@ PORTABLE_ISA = "scalar"
 
 
 def isa() -> str:
-    """The ISA build of the kernel in use ('avx512-bf16', 'avx512', 'avx2', 'neon' or 'scalar')."""
+    """The ISA build of the kernel in use ('amx-bf16', 'avx512-bf16', 'avx512', 'avx2', 'neon' or 'scalar')."""
     return _module().isa()
 
 
