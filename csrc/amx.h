@@ -152,34 +152,54 @@ inline void split_bf16(__m512 g, uint16_t* hi, uint16_t* lo) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(g, hf)));
 }
 
-// The gradient-weight tile g (mc x nc of a rows x g_rs fp32 tile) as the A operands of both gradient GEMMs:
+// Transpose a 16 x 16 fp32 block held in 16 registers (r[i] = row i) in place: unpack pairs of rows, then
+// shuffle 4 x 4 blocks within 128-bit lanes, then move lanes across registers.
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16], v[16];
+    for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    // u[4k + j], 128-bit lane L: rows 4k .. 4k + 3 of column 4L + j
+    for (int k = 0; k < 4; ++k) {
+        u[4 * k + 0] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        v[j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+        v[4 + j] = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+        v[8 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+        v[12 + j] = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(v[j], v[8 + j], 0xDD);
+        r[4 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(v[4 + j], v[12 + j], 0xDD);
+    }
+}
+
+// The gradient-weight tile g (mc x nc of a tile at row stride g_rs) as the A operands of both gradient GEMMs:
 // hi / lo (m32 x n32 at row stride g_rs, for dX) and its transpose hi_t / lo_t (n32 x m32 at row stride t_rs, for
-// dY), zero outside mc x nc; gt is an fp32 scratch of n32 x t_rs.
+// dY), zero outside mc x nc. One pass over 16 x 16 blocks, transposed in registers.
 inline void split_gradient_tile(const float* g, int64_t g_rs, int64_t mc, int64_t nc, int64_t m32, int64_t n32,
-                                uint16_t* hi, uint16_t* lo, float* gt, int64_t t_rs, uint16_t* hi_t, uint16_t* lo_t) {
-    for (int64_t i = 0; i < m32; ++i) {
-        const float* row = g + i * g_rs;
-        for (int64_t j = 0; j < n32; j += 16) {
-            __m512 v = _mm512_setzero_ps();
-            if (i < mc && j < nc) {
-                const __mmask16 m = j + 16 <= nc ? __mmask16(0xFFFF) : __mmask16((1u << (nc - j)) - 1);
-                v = _mm512_maskz_loadu_ps(m, row + j);
+                                uint16_t* hi, uint16_t* lo, int64_t t_rs, uint16_t* hi_t, uint16_t* lo_t) {
+    __m512 r[16];
+    for (int64_t i0 = 0; i0 < m32; i0 += 16) {
+        for (int64_t j0 = 0; j0 < n32; j0 += 16) {
+            const __mmask16 cols = j0 >= nc ? __mmask16(0)
+                                   : j0 + 16 <= nc ? __mmask16(0xFFFF) : __mmask16((1u << (nc - j0)) - 1);
+            for (int k = 0; k < 16; ++k) {
+                r[k] = i0 + k < mc ? _mm512_maskz_loadu_ps(cols, g + (i0 + k) * g_rs + j0) : _mm512_setzero_ps();
+                split_bf16(r[k], hi + (i0 + k) * g_rs + j0, lo + (i0 + k) * g_rs + j0);
             }
-            split_bf16(v, hi + i * g_rs + j, lo + i * g_rs + j);
+            transpose16(r);
+            for (int k = 0; k < 16; ++k)
+                split_bf16(r[k], hi_t + (j0 + k) * t_rs + i0, lo_t + (j0 + k) * t_rs + i0);
         }
     }
-    for (int64_t j = 0; j < n32; ++j) {
-        float* out = gt + j * t_rs;
-        if (j < nc) {
-            for (int64_t i = 0; i < mc; ++i) out[i] = g[i * g_rs + j];
-            for (int64_t i = mc; i < m32; ++i) out[i] = 0.0f;
-        } else {
-            for (int64_t i = 0; i < m32; ++i) out[i] = 0.0f;
-        }
-    }
-    for (int64_t j = 0; j < n32; ++j)
-        for (int64_t i = 0; i < m32; i += 16)
-            split_bf16(_mm512_loadu_ps(gt + j * t_rs + i), hi_t + j * t_rs + i, lo_t + j * t_rs + i);
 }
 
 }  // namespace MMCL_ISA

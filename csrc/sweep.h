@@ -50,8 +50,8 @@ void amx_block(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_
                bool);
 void pack_vnni_transposed(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
 void pack_vnni_pairs(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*);
-void split_gradient_tile(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, float*,
-                         int64_t, uint16_t*, uint16_t*);
+void split_gradient_tile(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, int64_t,
+                         uint16_t*, uint16_t*);
 }  // namespace MMCL_ISA
 }  // namespace mmcl
 #endif
@@ -155,7 +155,6 @@ struct TileScratch {
     // (MC x d32), the column block as VNNI panels of Y^T (NC x d32), both blocks as VNNI row pairs for the
     // gradient GEMMs (NC x dp, MC x dp), and the gradient weights split into bf16 hi / lo, plain and transposed.
     std::vector<uint16_t> amx_x, amx_yt, amx_yg, amx_xg, amx_g_hi, amx_g_lo, amx_gt_hi, amx_gt_lo;
-    std::vector<float> amx_gt;
     TileScratch(int64_t d, int64_t dp, bool bf16_dot, bool amx = false)
         : x_blk(amx ? 0 : MC * dp), y_row(dp), y_pack(amx ? 0 : NC * std::max<int64_t>(d, 1)),
           y_grad(amx ? 0 : NC * dp), x_grad(amx ? 0 : MC * dp),
@@ -172,7 +171,6 @@ struct TileScratch {
             amx_g_lo.assign(MC * NC, 0);
             amx_gt_hi.assign(NC * MC, 0);
             amx_gt_lo.assign(NC * MC, 0);
-            amx_gt.assign(NC * MC, 0.0f);
         }
     }
 };
@@ -373,8 +371,8 @@ struct TileSweep {
         if constexpr (V::has_amx) {
             if (amx) {
                 const int64_t m32 = round_up(mc, 32), n32 = round_up(nc, 32);
-                split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(), s.amx_g_lo.data(),
-                                    s.amx_gt.data(), MC, s.amx_gt_hi.data(), s.amx_gt_lo.data());
+                split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(), s.amx_g_lo.data(), MC,
+                                    s.amx_gt_hi.data(), s.amx_gt_lo.data());
                 amx_configure();
                 for (int64_t d0 = 0; d0 < dp; d0 += 32) {
                     for (int64_t i = 0; i < m32; i += 32)

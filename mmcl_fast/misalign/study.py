@@ -44,7 +44,10 @@ class EvalConfig:
 #   2048 alike on the tuning setting). 12k steps (the preset until 2026-12-01) was not always enough: on
 #   θ = {0,1,2,3,6,7,8}, ρ = {2,7} three of six dependent runs were still 0.11-0.13 above the oracle on a
 #   perturbed semantic, and on θ = {0..9}, ρ = {0,1} (perturbation sweep, k = 2) one run still encoded the
-#   perturbed pair (R² 0.34 / 0.30); each of those runs reaches the pattern by 24k steps (README, issue 14);
+#   perturbed pair (R² 0.34 / 0.30); each of those runs reaches the pattern by 24k steps (README, issue 14).
+#   24k is not always enough either: on the held-out setting θ = {1,2,4,5,7,9}, ρ = {4,9} (clip, dependent),
+#   seed 1 still encodes perturbed s9 at 24k (R² 0.66 vs oracle 0.10, loss still falling); cosine decay of the
+#   learning rate made that run worse (s9 0.83), so it is not the remedy;
 # - batch 1024 and the warm-up: at batch 512, or without the warm-up, some seeds stall with an invariant
 #   semantic unlearned (one output direction spent on a perturbed semantic in one encoder, collapsed in the other).
 # - He ("kaiming") init of the encoders: with the paper code's mixers (the default since issue 14) and PyTorch's
