@@ -374,16 +374,16 @@ struct TileSweep {
                 split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(), s.amx_g_lo.data(), MC,
                                     s.amx_gt_hi.data(), s.amx_gt_lo.data());
                 amx_configure();
-                for (int64_t d0 = 0; d0 < dp; d0 += 32) {
-                    for (int64_t i = 0; i < m32; i += 32)
+                for (int64_t i = 0; i < m32; i += 32)
+                    for (int64_t d0 = 0; d0 < dp; d0 += 32)
                         amx_block<2>(n32 / 32, s.amx_g_hi.data() + i * NC, s.amx_g_lo.data() + i * NC, NC,
                                      s.amx_yg.data() + d0 * NC, s.amx_yg.data() + (d0 + 16) * NC,
                                      dx_acc + (i0 + i) * dp + d0, dp, true);
-                    for (int64_t j = 0; j < n32; j += 32)
+                for (int64_t j = 0; j < n32; j += 32)
+                    for (int64_t d0 = 0; d0 < dp; d0 += 32)
                         amx_block<2>(m32 / 32, s.amx_gt_hi.data() + j * MC, s.amx_gt_lo.data() + j * MC, MC,
                                      s.amx_xg.data() + d0 * MC, s.amx_xg.data() + (d0 + 16) * MC,
                                      dy_acc + (j0 + j) * dp + d0, dp, true);
-                }
                 return;
             }
         }
