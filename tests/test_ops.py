@@ -61,6 +61,29 @@ def test_affine_lse_and_grads_match_reference(kernel, n, m, d, dtype):
         assert_rel_close(ours_t.grad, ref_t.grad, rtol, name)
 
 
+@pytest.mark.parametrize("scale", [150.0, 400.0])
+def test_logits_in_the_denormal_range_stay_exact_and_leave_torch_alone(kernel, scale):
+    """Scales of 150-400 put exp(logit - row max) of many pairs in the fp32 denormal range, which the CPU kernel
+    flushes to zero for speed (csrc/sweep.h, FlushDenormals): the LSEs and every gradient still match float64, and
+    afterwards torch still produces denormals on every OpenMP thread (the kernel restored the FP mode)."""
+    torch.manual_seed(int(scale))
+    x, y = F.normalize(torch.randn(301, 48), dim=1), F.normalize(torch.randn(257, 48), dim=1)
+    row_bias, col_bias = torch.randn(301), torch.randn(257)
+    w_row, w_col = torch.randn(301), torch.randn(257)
+    ours = [t.clone().requires_grad_() for t in (x, y, torch.full((301,), scale), row_bias, col_bias)]
+    row_lse, col_lse = mmcl_fast.affine_lse(*ours, backend=kernel)
+    ((row_lse * w_row).sum() + (col_lse * w_col).sum()).backward()
+    ref = [t.double().requires_grad_() for t in (x, y, torch.full((301,), scale), row_bias, col_bias)]
+    ref_row, ref_col = dense_lse(*ref)
+    ((ref_row * w_row.double()).sum() + (ref_col * w_col.double()).sum()).backward()
+    assert_rel_close(row_lse, ref_row, 1e-5, "row_lse")
+    assert_rel_close(col_lse, ref_col, 1e-5, "col_lse")
+    for ours_t, ref_t, name in zip(ours, ref, ["dx", "dy", "dscale", "drow_bias", "dcol_bias"]):
+        assert_rel_close(ours_t.grad, ref_t.grad, 1e-5, name)
+    tiny = torch.full((1 << 18,), 1e-38) / 10  # 1e-39: a denormal, computed on torch's threads
+    assert bool((tiny > 0).all()), "denormals are flushed after the kernel: the FP mode leaked into torch"
+
+
 @pytest.mark.parametrize("need_row,need_col", [(True, False), (False, True)])
 def test_one_sided_lse(kernel, need_row, need_col):
     x, y = torch.randn(130, 20), torch.randn(77, 20)
