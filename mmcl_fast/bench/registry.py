@@ -122,6 +122,18 @@ def paired_features(n: int, d: int, dtype: torch.dtype, seed: int) -> tuple[Tens
     return image.to(dtype), text.to(dtype)
 
 
+def late_training_features(n: int, d: int, seed: int = 3) -> tuple[Tensor, Tensor]:
+    """Image / text features like a trained CLIP's on a batch with near-duplicates: images come in pairs around a
+    shared direction (cosine ~0.99), each caption sits next to its image. At logit scale 100 a row's positive leads
+    its near-duplicate by ~5 and the other ~4000 pairs by ~75-120."""
+    generator = torch.Generator().manual_seed(seed)
+    unit = torch.nn.functional.normalize
+    centre = unit(torch.randn(n // 2 + 1, d, generator=generator), dim=1).repeat_interleave(2, 0)[:n]
+    image = unit(centre + 0.01 * torch.randn(n, d, generator=generator), dim=1)
+    text = unit(image + 0.01 * torch.randn(n, d, generator=generator), dim=1)
+    return image, text
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 references, streamed over row blocks
 # ---------------------------------------------------------------------------------------------
