@@ -49,13 +49,23 @@ inline void amx_configure() {
 
 inline void amx_release() { _tile_release(); }
 
+// C tiles 0-3 += (A rows 0-15 | 16-31, 32 bf16 columns at row stride a_rs) x (B tiles 6 | 7, already loaded).
+inline void amx_accumulate_a(const uint16_t* a, int64_t a_rs) {
+    _tile_loadd(4, a, a_rs * 2);
+    _tile_loadd(5, a + 16 * a_rs, a_rs * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
 // C (32 x 32 fp32 at row stride c_rs floats) (+)= sum over the A operands of A (32 x 32 kchunks bf16 at row stride
 // a_rs elements) times B, B given as two VNNI column panels b0, b1 (kchunks blocks of 16 x 16 pairs, 512 bf16 each,
 // contiguous). NA = 2 adds a second A operand a2 (the low part of a split G) against the same B.
 template <int NA>
 inline void amx_block(int64_t kchunks, const uint16_t* a, const uint16_t* a2, int64_t a_rs, const uint16_t* b0,
                       const uint16_t* b1, float* c, int64_t c_rs, bool accumulate) {
-    const int64_t cs = c_rs * 4, as = a_rs * 2;
+    const int64_t cs = c_rs * 4;
     if (accumulate) {
         _tile_loadd(0, c, cs);
         _tile_loadd(1, c + 16, cs);
@@ -70,20 +80,8 @@ inline void amx_block(int64_t kchunks, const uint16_t* a, const uint16_t* a2, in
     for (int64_t kc = 0; kc < kchunks; ++kc) {
         _tile_loadd(6, b0 + kc * 512, 64);
         _tile_loadd(7, b1 + kc * 512, 64);
-        _tile_loadd(4, a + kc * 32, as);
-        _tile_loadd(5, a + 16 * a_rs + kc * 32, as);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        if constexpr (NA == 2) {
-            _tile_loadd(4, a2 + kc * 32, as);
-            _tile_loadd(5, a2 + 16 * a_rs + kc * 32, as);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
+        amx_accumulate_a(a + kc * 32, a_rs);
+        if constexpr (NA == 2) amx_accumulate_a(a2 + kc * 32, a_rs);
     }
     _tile_stored(0, c, cs);
     _tile_stored(1, c + 16, cs);
