@@ -86,9 +86,9 @@ def test_affine_lse_fwd_bwd(benchmark, dtype_name, kernel):
 def test_clip_late_training_logits(benchmark, impl):
     """CLIP late in training: logit scale 100, each pair far closer than the rest of the batch but for one hard
     negative (late_training_features), so the logits of a row spread over ~100 and exp(logit - row max) of most
-    pairs falls in the fp32 denormal range, while the loss (~0.01) still depends on the hard negatives. Intel cores handle denormals in microcode; the CPU kernel flushes them inside its threads
-    (csrc/sweep.h, FlushDenormals). Without that, this case ran ~14x slower than random features on a Sapphire
-    Rapids class Xeon, a cliff the random-feature cases above never reach."""
+    pairs falls in the fp32 denormal range, while the loss (~0.01) still depends on the hard negatives. Intel cores
+    handle denormals in microcode; the CPU kernel flushes them inside its threads (csrc/sweep.h, FlushDenormals),
+    without which it slowed down ~14x on such logits. The random-feature cases above never reach this regime."""
     n = 4096
     loss = get_loss("clip")
     reason = loss.impls[impl].unavailable(torch.device("cpu"), DIM)

@@ -7,6 +7,9 @@
 #include <cstring>
 
 #include "vexp.h"
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "amx.h"
+#endif
 
 namespace mmcl { namespace MMCL_ISA {
 struct VecAvx512 {
@@ -18,6 +21,7 @@ struct VecAvx512 {
     // bf16 inputs run all three GEMMs on AMX tiles (amx.h); fp32 / fp16 inputs take the AVX-512 fp32 path.
     static constexpr const char* name = "amx-bf16";
     static constexpr bool has_amx = true;
+    using Amx = mmcl::MMCL_ISA::Amx;
 #else
     static constexpr const char* name = "avx512-bf16";
     static constexpr bool has_amx = false;

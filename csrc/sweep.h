@@ -39,25 +39,6 @@
 
 #include "dispatch.h"
 #include "half.h"
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include "amx.h"
-#else
-namespace mmcl {
-namespace MMCL_ISA {
-// Declared, never defined: the AMX branches of TileSweep are discarded (`if constexpr (V::has_amx)`) in every
-// build but amx-bf16, yet their names must resolve.
-void amx_configure();
-void amx_release();
-template <int NA>
-void amx_block(int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*, const uint16_t*, float*, int64_t,
-               bool);
-void pack_vnni_transposed(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
-void pack_vnni_pairs(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*);
-void split_gradient_tile(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, int64_t,
-                         uint16_t*, uint16_t*);
-}  // namespace MMCL_ISA
-}  // namespace mmcl
-#endif
 
 // Each ISA build compiles this header into its own namespace (MMCL_ISA), so that no inline function compiled
 // with AVX-512 flags can be merged by the linker into the portable build.
@@ -233,17 +214,15 @@ struct TileSweep {
         return bounds;
     }
 
-    // Load column block [j0, j0 + nc) and its column biases (-inf past the end). The similarity GEMM reads it as
-    // NR-wide transposed panels (fp32, or bf16 pairs on the bf16 path); the gradient GEMMs read fp32 rows
-    // (`need_f32_rows`).
+    // Load column block [j0, j0 + nc). The similarity GEMM reads it as NR-wide transposed panels (fp32, or bf16
+    // pairs on the bf16 path; VNNI panels on the AMX path); the gradient GEMMs read fp32 rows (`need_f32_rows`; VNNI
+    // row pairs on the AMX path).
     void load_col_block(Scratch& s, int64_t j0, int64_t nc, bool need_f32_rows) const {
         if constexpr (V::has_amx) {
             if (amx) {
                 const uint16_t* y = static_cast<const uint16_t*>(p.y) + j0 * p.y_rs;
-                pack_vnni_transposed(y, p.y_rs, nc, p.d, round_up(p.d, 32), s.amx_yt.data());
-                if (need_f32_rows) pack_vnni_pairs(y, p.y_rs, nc, p.d, dp, NC, s.amx_yg.data());
-                for (int64_t c = 0; c < NC; ++c)
-                    s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
+                V::Amx::pack_vnni_transposed(y, p.y_rs, nc, p.d, round_up(p.d, 32), s.amx_yt.data());
+                if (need_f32_rows) V::Amx::pack_vnni_pairs(y, p.y_rs, nc, p.d, dp, NC, s.amx_yg.data());
                 return;
             }
         }
@@ -279,6 +258,10 @@ struct TileSweep {
                         std::memcpy(s.y_grad.data() + d0 * NC + c * NR, row + d0, sizeof(float) * NR);
             }
         }
+    }
+
+    // The column block's biases, -inf past its end (padded columns never count).
+    void load_col_bias(Scratch& s, int64_t j0, int64_t nc) const {
         for (int64_t c = 0; c < NC; ++c)
             s.col_bias[c] = c < nc ? p.col_bias[j0 + c] : -std::numeric_limits<float>::infinity();
     }
@@ -295,7 +278,7 @@ struct TileSweep {
                     if (r < mc) std::memcpy(out, x + r * p.x_rs, sizeof(uint16_t) * p.d);
                     std::fill(out + (r < mc ? p.d : 0), out + d32, uint16_t(0));
                 }
-                if (need_f32_rows) pack_vnni_pairs(x, p.x_rs, mc, p.d, dp, MC, s.amx_xg.data());
+                if (need_f32_rows) V::Amx::pack_vnni_pairs(x, p.x_rs, mc, p.d, dp, MC, s.amx_xg.data());
                 return;
             }
         }
@@ -331,11 +314,11 @@ struct TileSweep {
         if constexpr (V::has_amx) {
             if (amx) {
                 const int64_t d32 = round_up(p.d, 32), m32 = round_up(mc, 32), n32 = round_up(nc, 32);
-                amx_configure();
                 for (int64_t i = 0; i < m32; i += 32)
                     for (int64_t q = 0; q < n32; q += 32)
-                        amx_block<1>(d32 / 32, s.amx_x.data() + i * d32, nullptr, d32, s.amx_yt.data() + q * d32,
-                                     s.amx_yt.data() + (q + 16) * d32, s.tile.data() + i * NC + q, NC, false);
+                        V::Amx::template block<1>(d32 / 32, s.amx_x.data() + i * d32, nullptr, d32,
+                                                  s.amx_yt.data() + q * d32, s.amx_yt.data() + (q + 16) * d32,
+                                                  s.tile.data() + i * NC + q, NC, false);
                 return;
             }
         }
@@ -369,12 +352,16 @@ struct TileSweep {
             const int t = 0;
 #endif
             const FlushDenormals no_denormals;
+            if constexpr (V::has_amx) {
+                if (amx) V::Amx::configure();  // tile configuration: per thread, until release() below
+            }
             Scratch s(p.d, dp, bf16_dot, amx);
             for (int step = 0; step < threads; ++step) {
                 const int cg = (t + step) % threads;
                 for (int64_t j0 = col_groups[cg]; j0 < col_groups[cg + 1]; j0 += NC) {
                     const int64_t nc = std::min<int64_t>(NC, col_groups[cg + 1] - j0);
                     load_col_block(s, j0, nc, need_f32_rows);
+                    load_col_bias(s, j0, nc);
                     for (int64_t i0 = row_groups[t]; i0 < row_groups[t + 1]; i0 += MC) {
                         const int64_t mc = std::min<int64_t>(MC, row_groups[t + 1] - i0);
                         load_row_block(s, i0, mc, need_f32_rows);
@@ -385,7 +372,7 @@ struct TileSweep {
 #pragma omp barrier
             }
             if constexpr (V::has_amx) {
-                if (amx) amx_release();
+                if (amx) V::Amx::release();
             }
         }
     }
@@ -396,19 +383,18 @@ struct TileSweep {
         if constexpr (V::has_amx) {
             if (amx) {
                 const int64_t m32 = round_up(mc, 32), n32 = round_up(nc, 32);
-                split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(), s.amx_g_lo.data(), MC,
-                                    s.amx_gt_hi.data(), s.amx_gt_lo.data());
-                amx_configure();
+                V::Amx::split_gradient_tile(s.tile.data(), NC, mc, nc, m32, n32, s.amx_g_hi.data(),
+                                            s.amx_g_lo.data(), MC, s.amx_gt_hi.data(), s.amx_gt_lo.data());
                 for (int64_t i = 0; i < m32; i += 32)
                     for (int64_t d0 = 0; d0 < dp; d0 += 32)
-                        amx_block<2>(n32 / 32, s.amx_g_hi.data() + i * NC, s.amx_g_lo.data() + i * NC, NC,
-                                     s.amx_yg.data() + d0 * NC, s.amx_yg.data() + (d0 + 16) * NC,
-                                     dx_acc + (i0 + i) * dp + d0, dp, true);
+                        V::Amx::template block<2>(n32 / 32, s.amx_g_hi.data() + i * NC, s.amx_g_lo.data() + i * NC,
+                                                  NC, s.amx_yg.data() + d0 * NC, s.amx_yg.data() + (d0 + 16) * NC,
+                                                  dx_acc + (i0 + i) * dp + d0, dp, true);
                 for (int64_t j = 0; j < n32; j += 32)
                     for (int64_t d0 = 0; d0 < dp; d0 += 32)
-                        amx_block<2>(m32 / 32, s.amx_gt_hi.data() + j * MC, s.amx_gt_lo.data() + j * MC, MC,
-                                     s.amx_xg.data() + d0 * MC, s.amx_xg.data() + (d0 + 16) * MC,
-                                     dy_acc + (j0 + j) * dp + d0, dp, true);
+                        V::Amx::template block<2>(m32 / 32, s.amx_gt_hi.data() + j * MC, s.amx_gt_lo.data() + j * MC,
+                                                  MC, s.amx_xg.data() + d0 * MC, s.amx_xg.data() + (d0 + 16) * MC,
+                                                  dy_acc + (j0 + j) * dp + d0, dp, true);
                 return;
             }
         }
