@@ -324,6 +324,19 @@ def test_kaiming_init_keeps_the_representation_at_unit_scale_in_every_direction(
         make_encoder(3, 2, (2,), init="xavier")
 
 
+def test_quick_runs_score_on_the_way_at_the_preset_steps_a_run_reaches():
+    from mmcl_fast.misalign.cli import _settings
+
+    def at_steps(*argv):
+        return _settings(_parser().parse_args(["misalign", *argv]))[2].at_steps
+
+    assert PRESETS["quick"]["train"]["steps"] == 48_000
+    assert at_steps("--quick") == (12_000, 24_000, 36_000)
+    assert at_steps("--quick", "--steps", "20000") == (12_000,)
+    assert at_steps("--quick", "--steps", "20000", "--eval-at", "900,300") == (300, 900)
+    assert at_steps() == ()
+
+
 def test_presets_initialise_as_documented():
     assert PRESETS["paper"]["train"]["init"] == "torch" and PRESETS["quick"]["train"]["init"] == "kaiming"
     args = _parser().parse_args(["misalign", "--quick", "--init", "torch"])
@@ -401,6 +414,9 @@ def _parser():
     (["--sweep", "perturbation", "--sweep-values", "10"], "sweep values for --sweep perturbation must lie in 0..9"),
     (["--sweep-values", "1,1"], "argument --sweep-values: repeated value"),
     (["--sweep-values", "3"], "--sweep-values needs --sweep"),
+    (["--eval-at", "4,4"], "argument --eval-at: expected distinct comma-separated training steps"),
+    (["--eval-at", "0"], "argument --eval-at: expected distinct"),
+    (["--quick", "--steps", "10", "--eval-at", "5,10"], "--eval-at steps must lie below --steps (10), got [10]"),
 ])
 def test_cli_rejects_bad_arguments(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, triton would accept CPU tensors
@@ -465,6 +481,35 @@ def test_tiny_run_is_deterministic(tmp_path):
 
     assert run("a") == run("b")
     assert run("c", "--jobs", "2") == run("a")  # seeds in worker processes give the same numbers
+
+
+def test_scores_on_the_way_match_a_shorter_run_and_leave_the_run_alone(tmp_path, capsys):
+    def run(name, steps, *extra):
+        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",
+                                     "--steps", str(steps), "--batch", "32", "--eval-samples", "200", "--seeds", "2",
+                                     "--backend", "reference", "--no-progress", "--out", str(tmp_path / name),
+                                     *extra])
+        assert args.func(args) == 0
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    plain, watched, short = run("plain", 9), run("watched", 9, "--eval-at", "6,3"), run("short", 6)
+    assert "after 3 steps" in capsys.readouterr().out
+    for key in ("r2_by_seed", "text_r2_by_seed", "loss_history_by_seed"):
+        assert watched[key] == plain[key], key  # scoring on the way does not disturb training
+    assert plain["checkpoints"] == [] and watched["config"]["eval_at"] == [3, 6]
+    assert [point["step"] for point in watched["checkpoints"]] == [3, 6]
+    at6 = watched["checkpoints"][1]
+    assert at6["r2_by_seed"] == short["r2_by_seed"] and at6["text_r2_by_seed"] == short["text_r2_by_seed"]
+    assert at6["pattern_check"] == short["pattern_check"]
+    assert watched["checkpoints"][0]["r2_by_seed"] != at6["r2_by_seed"]
+
+    run("seed0", 9, "--eval-at", "3,6", "--seeds", "1")
+    run("seed1", 9, "--eval-at", "3,6", "--seeds", "1", "--seed", "1")
+    args = _parser().parse_args(["misalign", "--merge", str(tmp_path / "seed1"), str(tmp_path / "seed0"),
+                                 "--out", str(tmp_path / "merged")])
+    assert args.func(args) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["checkpoints"] == watched["checkpoints"] and merged["r2_by_seed"] == watched["r2_by_seed"]
 
 
 def test_merge_of_seeds_run_apart_equals_the_run_of_all_seeds(tmp_path, capsys):

@@ -63,6 +63,17 @@ def _multipliers(text: str) -> tuple[int, ...]:
     return values
 
 
+def _step_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated training steps, e.g. 12000,24000; "
+                                         f"got {text!r}")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"CPU-sized run (batch {_QUICK['train']['batch']}, {_QUICK['train']['steps']} steps, "
@@ -118,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"validation and test samples each (paper: {_PAPER['eval']['n_val']}, --quick: "
                              f"{_QUICK['eval']['n_val']}); the kernel ridge regressor uses a subsample of at most "
                              f"{_PAPER['eval']['n_nonlinear']} (--quick: {_QUICK['eval']['n_nonlinear']})")
+    parser.add_argument("--eval-at", type=_step_list, metavar="STEP,STEP,...",
+                        help="also score the encoders after these training steps (each below --steps): "
+                             "results.json's `checkpoints` keep every seed's R² there, to see when the pattern "
+                             "appears (each costs one evaluation, a few seconds in --quick). Default: "
+                             + (",".join(map(str, _QUICK["eval"]["at_steps"])) + " with --quick, " if
+                                _QUICK["eval"].get("at_steps") else "") + "none otherwise")
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="backend of the fused InfoNCE primitive (default: auto)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -163,6 +180,13 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     if args.eval_samples is not None:
         eval_kw.update(n_val=args.eval_samples, n_test=args.eval_samples,
                        n_nonlinear=min(eval_kw["n_nonlinear"], args.eval_samples))
+    if args.eval_at is not None:
+        late = [step for step in args.eval_at if step >= train_cfg.steps]
+        if late:
+            raise ValueError(f"--eval-at steps must lie below --steps ({train_cfg.steps}), got {late}")
+        eval_kw["at_steps"] = tuple(args.eval_at)
+    else:  # the preset's checkpoints that a shorter run still reaches
+        eval_kw["at_steps"] = tuple(step for step in eval_kw.get("at_steps", ()) if step < train_cfg.steps)
     eval_cfg = EvalConfig(**eval_kw)
     threads = args.threads if args.threads is not None else preset["threads"]
     try:
@@ -261,6 +285,12 @@ def _write_setting(console, results: dict, out_dir: Path) -> None:
                ("oracle\n(from θ\\ρ)", results["oracle_r2"])]
     png = heatmap(columns, results["roles"], out_dir / "heatmap.png", title, names=results["latents"])
     console.print(results_table(results))
+    for point in results.get("checkpoints", []):
+        check = point["pattern_check"]
+        console.print(f"after {point['step']} steps (image, non-linear, per seed): lowest invariant R² "
+                      + ", ".join(f"{v:.2f}" for v in check["invariant_min"]) + "; highest other "
+                      + ", ".join(f"{v:.2f}" for v in check["others_max"]) + "; largest |R² - oracle| "
+                      + ", ".join(f"{v:.2f}" for v in check["oracle_gap_max"]))
     timing = results["timing"]
     console.print(f"train {sum(timing['train_s_by_seed']):.0f} s, eval {sum(timing['eval_s_by_seed']):.0f} s "
                   f"over {n_seeds} seed(s); wrote {out_dir / 'results.json'} and {png}")

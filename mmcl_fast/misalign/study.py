@@ -22,32 +22,40 @@ from .train import TrainConfig, train_encoders
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out sample sizes: validation (regressors' fit), test (scored), and the kernel ridge subsample."""
+    """Held-out sample sizes: validation (regressors' fit), test (scored), and the kernel ridge subsample; and the
+    training steps after which the encoders are also scored on the way (`at_steps`, each below the run's last step:
+    results.json's `checkpoints`, to see when the pattern appears)."""
 
     n_val: int = 20480
     n_test: int = 20480
     n_nonlinear: int = 5000
+    at_steps: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("n_val", "n_test", "n_nonlinear"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 10:
                 raise ValueError(f"{name} must be an int >= 10, got {value!r}")
+        steps = tuple(self.at_steps)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"at_steps must be distinct positive ints (training steps), got {self.at_steps!r}")
+        object.__setattr__(self, "at_steps", tuple(sorted(steps)))
 
 
 # The paper's settings (batch 6144, Adam 1e-4, 100k steps, encoders 10x/50x the input width) for a GPU, and a
 # CPU-sized quick mode that shows the same pattern in minutes: a smaller batch and encoder, a larger constant
 # learning rate after a 1k-step warm-up, and one intra-op thread (these small ops run faster on one thread than
 # split over two busy cores). Why these numbers (measured on the tuning setting θ = {0..5}, ρ = {4, 5}):
-# - 24k steps: in the dependent case the encoders first settle in a state that also encodes the perturbed
-#   semantics and leave it only once the representation has grown (after ~7-9k steps at batch 512, 1024 and
-#   2048 alike on the tuning setting). 12k steps (the preset until 2026-12-01) was not always enough: on
-#   θ = {0,1,2,3,6,7,8}, ρ = {2,7} three of six dependent runs were still 0.11-0.13 above the oracle on a
-#   perturbed semantic, and on θ = {0..9}, ρ = {0,1} (perturbation sweep, k = 2) one run still encoded the
-#   perturbed pair (R² 0.34 / 0.30); each of those runs reaches the pattern by 24k steps (README, issue 14).
-#   24k is not always enough either: on the held-out setting θ = {1,2,4,5,7,9}, ρ = {4,9} (clip, dependent),
-#   seed 1 still encodes perturbed s9 at 24k (R² 0.66 vs oracle 0.10, loss still falling); cosine decay of the
-#   learning rate made that run worse (s9 0.83), so it is not the remedy;
+# - 48k steps: the encoders first settle in a state that also encodes perturbed semantics (one output direction
+#   partly spent on them) and leave it slowly, once the representation has grown. Measured with --eval-at:
+#   - 12k steps (the preset until 2026-12-01) left 3 of 6 dependent runs on θ = {0,1,2,3,6,7,8}, ρ = {2,7}
+#     0.11-0.13 above the oracle on a perturbed semantic, and θ = {0..9}, ρ = {0,1} (perturbation sweep, k = 2)
+#     with the perturbed pair at R² 0.34 / 0.30; all reach the pattern by 24k;
+#   - 24k (the preset until 2026-12-01, second session) left two runs in the state: the held-out setting
+#     θ = {1,2,4,5,7,9}, ρ = {4,9} (clip, dependent, seed 1: s9 0.52-0.66 vs oracle 0.10, invariant s7 0.69-0.73)
+#     and θ = {0..9}, ρ = {0} (sweep k = 1, independent, seed 0: perturbed s0 0.51). Continued, the first passes
+#     from 32k on (|R² - oracle| 0.073 at 32k, 0.049 at 48k), the second from 40k on (s0 0.32 at 32k, 0.22 at
+#     40k); cosine decay of the learning rate made the first worse (s9 0.83 at 24k), so it is not the remedy;
 # - batch 1024 and the warm-up: at batch 512, or without the warm-up, some seeds stall with an invariant
 #   semantic unlearned (one output direction spent on a perturbed semantic in one encoder, collapsed in the other).
 # - He ("kaiming") init of the encoders: with the paper code's mixers (the default since issue 14) and PyTorch's
@@ -58,14 +66,16 @@ class EvalConfig:
 #   stayed collapsed for all 12k steps (invariant block R² 0.78). With He init the representation starts at unit
 #   scale in every direction; the ratio at step 500 was 19-33 % on θ = {0..5}, ρ = {4, 5}, seed 2 and
 #   θ = {0..9}, ρ = {4, 5}, seed 1.
-# The other numbers were measured with the "spectral" mixers and PyTorch's default init.
+# The other numbers were measured with the "spectral" mixers and PyTorch's default init. A quick run also scores
+# the encoders after 12k, 24k and 36k steps (results.json's `checkpoints`): whether the pattern has settled.
 PRESETS = {
     "paper": dict(train=dict(steps=100_000, batch=6144, lr=1e-4, hidden=(10, 50, 50, 50, 50, 10), warmup=0,
                              cosine_decay=False, init="torch"),
                   eval=dict(n_val=20480, n_test=20480, n_nonlinear=5000), threads=None),
-    "quick": dict(train=dict(steps=24_000, batch=1024, lr=3e-3, hidden=(10, 10, 10), warmup=1000,
+    "quick": dict(train=dict(steps=48_000, batch=1024, lr=3e-3, hidden=(10, 10, 10), warmup=1000,
                              cosine_decay=False, init="kaiming"),
-                  eval=dict(n_val=5000, n_test=5000, n_nonlinear=2000), threads=1),
+                  eval=dict(n_val=5000, n_test=5000, n_nonlinear=2000, at_steps=(12_000, 24_000, 36_000)),
+                  threads=1),
 }
 
 
@@ -117,14 +127,33 @@ def run_seed(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *, 
     """Train and evaluate one seed (`train_cfg.seed`: mixers, covariances, data and encoders all derive from it)."""
     if threads is not None:
         torch.set_num_threads(threads)
+    late = [step for step in eval_cfg.at_steps if step >= train_cfg.steps]
+    if late:
+        raise ValueError(f"at_steps {late} must lie below the run's {train_cfg.steps} training steps")
     model = LatentModel(bias, seed=train_cfg.seed, device=device, mixer=mixer)
-    encoders = train_encoders(model, train_cfg, on_step=on_step)
+
+    def score(f_x, f_t) -> dict:
+        return evaluate(model, f_x, f_t, n_val=eval_cfg.n_val, n_test=eval_cfg.n_test,
+                        n_nonlinear=eval_cfg.n_nonlinear, seed=train_cfg.seed + 1_000_003, mlp=mlp)
+
+    checkpoints = []
+    checkpoint_s = 0.0
+
+    def on_checkpoint(step: int, f_x, f_t) -> None:
+        nonlocal checkpoint_s
+        start = time.perf_counter()
+        scores = score(f_x, f_t)
+        checkpoints.append({"step": step, "image": scores["image"], "text": scores["text"]})
+        checkpoint_s += time.perf_counter() - start
+
+    encoders = train_encoders(model, train_cfg, on_step=on_step, checkpoints=eval_cfg.at_steps,
+                              on_checkpoint=on_checkpoint)
     start = time.perf_counter()
-    scores = evaluate(model, encoders.f_x, encoders.f_t, n_val=eval_cfg.n_val, n_test=eval_cfg.n_test,
-                      n_nonlinear=eval_cfg.n_nonlinear, seed=train_cfg.seed + 1_000_003, mlp=mlp)
+    scores = score(encoders.f_x, encoders.f_t)
     return {"seed": train_cfg.seed, "image": scores["image"], "text": scores["text"], "oracle": model.oracle_r2(),
-            "loss_history": [[step, loss] for step, loss in encoders.history],
-            "train_s": round(encoders.seconds, 2), "eval_s": round(time.perf_counter() - start, 2)}
+            "checkpoints": checkpoints, "loss_history": [[step, loss] for step, loss in encoders.history],
+            "train_s": round(encoders.seconds - checkpoint_s, 2),
+            "eval_s": round(time.perf_counter() - start + checkpoint_s, 2)}
 
 
 def _run_seed_in_worker(job: tuple) -> dict:
@@ -236,6 +265,7 @@ def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: Ev
             "encoding_size": train_cfg.encoding_size or len(bias.invariant), "mixer": mixer,
             "resolved_backend": resolved, "device": str(device), "threads": threads or torch.get_num_threads(),
             "jobs": jobs, "n_val": eval_cfg.n_val, "n_test": eval_cfg.n_test, "n_nonlinear": eval_cfg.n_nonlinear,
+            "eval_at": list(eval_cfg.at_steps),
             "mlp_regressor": mlp, **(extra or {}),
         }
         documents.append(assemble_results(runs, config, latent_names(bias), roles(bias), environment))
@@ -270,7 +300,23 @@ def assemble_results(per_seed: list[dict], config: dict, latents: list[str], rol
         "environment": environment,
     }
     results["pattern_check"] = pattern_check(results)
+    results["checkpoints"] = _checkpoint_documents(per_seed, results)
     return results
+
+
+def _checkpoint_documents(per_seed: list[dict], results: dict) -> list[dict]:
+    """One entry per evaluation on the way (`EvalConfig.at_steps`): every seed's R² at that step and the
+    pattern check of those values."""
+    documents = []
+    for index, first in enumerate(per_seed[0].get("checkpoints", [])):
+        at_step = [run["checkpoints"][index] for run in per_seed]
+        image, _, image_by_seed = _aggregate(at_step, "image")
+        _, _, text_by_seed = _aggregate(at_step, "text")
+        view = {"roles": results["roles"], "r2_by_seed": image_by_seed, "seeds": results["seeds"],
+                "oracle_r2_by_seed": results["oracle_r2_by_seed"]}
+        documents.append({"step": first["step"], "r2": image, "r2_by_seed": image_by_seed,
+                          "text_r2_by_seed": text_by_seed, "pattern_check": pattern_check(view)})
+    return documents
 
 
 # config keys that may differ between runs of one setting that are merged: which seeds ran, and how they were run
@@ -288,6 +334,12 @@ def _per_seed_runs(results: dict) -> list[dict]:
             "text": {reg: {name: values[k] for name, values in by_name.items()}
                      for reg, by_name in results["text_r2_by_seed"].items()},
             "oracle": {name: values[k] for name, values in results["oracle_r2_by_seed"].items()},
+            "checkpoints": [{"step": point["step"],
+                             "image": {reg: {name: values[k] for name, values in by_name.items()}
+                                       for reg, by_name in point["r2_by_seed"].items()},
+                             "text": {reg: {name: values[k] for name, values in by_name.items()}
+                                      for reg, by_name in point["text_r2_by_seed"].items()}}
+                            for point in results.get("checkpoints", [])],
             "loss_history": results["loss_history_by_seed"][str(seed)],
             "train_s": results["timing"]["train_s_by_seed"][k], "eval_s": results["timing"]["eval_s_by_seed"][k],
         })

@@ -156,11 +156,15 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def train_encoders(model: LatentModel, cfg: TrainConfig,
-                   on_step: Callable[[int, float], None] | None = None, log_every: int = 50) -> Encoders:
+                   on_step: Callable[[int, float], None] | None = None, log_every: int = 50,
+                   checkpoints: tuple[int, ...] = (),
+                   on_checkpoint: Callable[[int, nn.Module, nn.Module], None] | None = None) -> Encoders:
     """Train f_x, f_t from scratch for `cfg.steps` steps; deterministic for `cfg.seed` on a given machine.
 
     `on_step(step, loss)` is called after every step (the loss is only synchronised every `log_every` steps and
-    passed as NaN otherwise, so a GPU run does not stall on .item()).
+    passed as NaN otherwise, so a GPU run does not stall on .item()). `on_checkpoint(steps_done, f_x, f_t)` is
+    called once `steps_done` steps have run, for each entry of `checkpoints`; it must leave the encoders' weights
+    alone (evaluating them does not change the rest of the run).
     """
     encoding_size = cfg.encoding_size or len(model.bias.invariant)
     with torch.random.fork_rng(devices=[]):  # initialise from the seed without touching the caller's RNG
@@ -194,6 +198,8 @@ def train_encoders(model: LatentModel, cfg: TrainConfig,
                 raise FloatingPointError(f"the contrastive loss became {value} at step {step}; lower the lr")
         if on_step is not None:
             on_step(step, value)
+        if on_checkpoint is not None and step + 1 in checkpoints:
+            on_checkpoint(step + 1, f_x, f_t)
     f_x.eval()
     f_t.eval()
     return Encoders(f_x=f_x, f_t=f_t, history=history, seconds=time.perf_counter() - start)
