@@ -43,35 +43,24 @@ def _index_list(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _k_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 1,5,10; got {text!r}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
-    return values
+def _int_list(example: str, what: str = "ints", *, minimum: int | None = None, distinct: bool = False):
+    """An argparse type for comma-separated ints, e.g. `--eval-at 12000,24000`; bad text names the expected form."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if (not values or (minimum is not None and min(values) < minimum)
+                or (distinct and len(set(values)) != len(values))):
+            raise argparse.ArgumentTypeError(f"expected {'distinct ' if distinct else ''}comma-separated {what}, "
+                                             f"e.g. {example}; got {text!r}")
+        return values
+    return parse
 
 
-def _multipliers(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, e.g. 10,50,10; got {text!r}")
-    return values
-
-
-def _step_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated training steps, e.g. 12000,24000; "
-                                         f"got {text!r}")
-    return values
+_k_list = _int_list("1,5,10", distinct=True)
+_multipliers = _int_list("10,50,10", "positive ints", minimum=1)
+_step_list = _int_list("12000,24000", "training steps", minimum=1, distinct=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,7 +47,8 @@ class EvalConfig:
 # learning rate after a 1k-step warm-up, and one intra-op thread (these small ops run faster on one thread than
 # split over two busy cores). Why these numbers (measured on the tuning setting θ = {0..5}, ρ = {4, 5}):
 # - 48k steps: the encoders first settle in a state that also encodes perturbed semantics (one output direction
-#   partly spent on them) and leave it slowly, once the representation has grown. Measured with --eval-at:
+#   partly spent on them) and leave it slowly, once the representation has grown. Measured by scoring on the way
+#   (what --eval-at does):
 #   - 12k steps (the preset until 2026-12-01) left 3 of 6 dependent runs on θ = {0,1,2,3,6,7,8}, ρ = {2,7}
 #     0.11-0.13 above the oracle on a perturbed semantic, and θ = {0..9}, ρ = {0,1} (perturbation sweep, k = 2)
 #     with the perturbed pair at R² 0.34 / 0.30; all reach the pattern by 24k;
