@@ -207,7 +207,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("lse_backward",
           [](const AffineProblem& pr, std::optional<Vector> row_lse, std::optional<Vector> col_lse,
              std::optional<Vector> grad_row, std::optional<Vector> grad_col, const LseExtras& ex,
-             const Gradients& out, int threads) {
+             const Gradients& out, int threads, bool accumulate) {
               if (row_lse.has_value() != grad_row.has_value() || col_lse.has_value() != grad_col.has_value())
                   fail("lse_backward: an LSE needs its gradient and vice versa");
               if (row_lse) { expect_vector(*row_lse, "row_lse", pr.x.rows, kF32); expect_vector(*grad_row, "grad_row", pr.x.rows, kF32); }
@@ -229,7 +229,10 @@ PYBIND11_MODULE(_C, m) {
               };
               check_range(ex.row_target, mm, "row_target");
               check_range(ex.col_target, n, "col_target");
-              out.check(pr, pr.x.dtype);
+              // dx / dy in the features' dtype, or fp32 (partials of a cross-rank sum, rounded once at the owner)
+              const int grad_dtype = out.dx.dtype == kF32 ? kF32 : pr.x.dtype;
+              out.check(pr, grad_dtype);
+              if (accumulate && grad_dtype != kF32) fail("lse_backward: accumulate=True needs float32 dx / dy");
               mmcl::Extras extras;
               extras.row_const = ptr<const float>(ex.row_const);
               extras.col_const = ptr<const float>(ex.col_const);
@@ -237,7 +240,9 @@ PYBIND11_MODULE(_C, m) {
               extras.row_target_grad = ptr<const float>(ex.row_target_grad);
               extras.col_target = ptr<const int64_t>(ex.col_target);
               extras.col_target_grad = ptr<const float>(ex.col_target_grad);
-              const mmcl::Problem p = pr.problem();
+              mmcl::Problem p = pr.problem();
+              p.grad_dtype = grad_dtype;
+              p.grad_accumulate = accumulate;
               check_threads(threads);
               py::gil_scoped_release release;
               active->backward(p, ptr<const float>(row_lse), ptr<const float>(col_lse), ptr<const float>(grad_row),
@@ -246,17 +251,18 @@ PYBIND11_MODULE(_C, m) {
                                threads);
           },
           py::arg("problem"), py::arg("row_lse"), py::arg("col_lse"), py::arg("grad_row"), py::arg("grad_col"),
-          py::arg("extras"), py::arg("out"), py::arg("threads"),
+          py::arg("extras"), py::arg("out"), py::arg("threads"), py::arg("accumulate") = false,
           "Gradients of sum(grad_row*row_lse) + sum(grad_col*col_lse) + the folded linear terms; dx/dy in the "
-          "features' dtype.");
+          "features' dtype or float32 (accumulate: added to fp32 dx/dy instead of overwriting them).");
 
     m.def("sigmoid_loss",
           [](const AffineProblem& pr, const PositivePairs& positives, const Vector& row_loss,
-             std::optional<Gradients> out, int threads) {
+             std::optional<Gradients> out, int threads, bool accumulate) {
               expect_vector(row_loss, "row_loss", pr.x.rows, kF32);
               const mmcl::Positives pos = positives.check(pr.x.rows, pr.y.rows);
               if (out) out->check(pr, kF32);
-              const mmcl::Problem p = pr.problem();
+              mmcl::Problem p = pr.problem();
+              p.grad_accumulate = accumulate;
               check_threads(threads);
               py::gil_scoped_release release;
               if (out)
@@ -267,6 +273,7 @@ PYBIND11_MODULE(_C, m) {
                   active->sigmoid(p, pos, ptr<float>(row_loss.data), nullptr, nullptr, nullptr, nullptr, nullptr, threads);
           },
           py::arg("problem"), py::arg("positives"), py::arg("row_loss"), py::arg("out"), py::arg("threads"),
+          py::arg("accumulate") = false,
           "Row sums of softplus(-z L) (z = +1 on positives, -1 elsewhere) and, with `out`, the gradients of their "
-          "total: fp32 dx / dy, dscale, drow, dcol (one fused sweep).");
+          "total: fp32 dx / dy (accumulate: added to them), dscale, drow, dcol (one fused sweep).");
 }

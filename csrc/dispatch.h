@@ -14,6 +14,8 @@ struct Problem {
     const float* scale;     // (n,)
     const float* row_bias;  // (n,)
     const float* col_bias;  // (m,)
+    int grad_dtype = -1;    // dtype of the dx / dy an LSE backward writes: -1 = dtype (the features'), or kF32
+    bool grad_accumulate = false;  // fp32 dx / dy only: add the gradients to the outputs instead of overwriting them
 };
 
 // Linear terms of the loss folded into the gradient weights, so that dx / dy are rounded once:

@@ -204,8 +204,9 @@ void lse_backward(const Problem& p, const float* row_lse, const float* col_lse, 
     LseKernel<V> k(p, threads);
     std::vector<float> dx_acc(round_up(p.n, Shape<V>::MC) * k.tiles.dp), dy_acc(round_up(p.m, Shape<V>::NC) * k.tiles.dp);
     k.backward(row_lse, col_lse, grad_row, grad_col, ex, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
-    store_rows(dx_acc.data(), p.n, p.d, k.tiles.dp, p.dtype, dx);
-    store_rows(dy_acc.data(), p.m, p.d, k.tiles.dp, p.dtype, dy);
+    const int out_dtype = p.grad_dtype < 0 ? p.dtype : p.grad_dtype;
+    store_rows(dx_acc.data(), p.n, p.d, k.tiles.dp, out_dtype, dx, p.grad_accumulate);
+    store_rows(dy_acc.data(), p.m, p.d, k.tiles.dp, out_dtype, dy, p.grad_accumulate);
 }
 
 }  // namespace MMCL_ISA

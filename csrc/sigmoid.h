@@ -132,7 +132,8 @@ struct SigmoidKernel {
     }
 };
 
-// dx / dy (when non-null) are written in fp32: the caller scales them by the loss weight and rounds once.
+// dx / dy (when non-null) are written in fp32 (added to, with p.grad_accumulate): the caller scales them by the loss
+// weight and rounds once.
 template <class V>
 void sigmoid_loss(const Problem& p, const Positives& pos, float* row_loss, float* dx, float* dy, float* dscale,
                   float* drow, float* dcol, int threads) {
@@ -143,8 +144,8 @@ void sigmoid_loss(const Problem& p, const Positives& pos, float* row_loss, float
     }
     std::vector<float> dx_acc(round_up(p.n, Shape<V>::MC) * k.tiles.dp), dy_acc(round_up(p.m, Shape<V>::NC) * k.tiles.dp);
     k.run(row_loss, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
-    store_rows(dx_acc.data(), p.n, p.d, k.tiles.dp, kF32, dx);
-    store_rows(dy_acc.data(), p.m, p.d, k.tiles.dp, kF32, dy);
+    store_rows(dx_acc.data(), p.n, p.d, k.tiles.dp, kF32, dx, p.grad_accumulate);
+    store_rows(dy_acc.data(), p.m, p.d, k.tiles.dp, kF32, dy, p.grad_accumulate);
 }
 
 }  // namespace MMCL_ISA

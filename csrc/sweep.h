@@ -413,10 +413,14 @@ struct TileSweep {
 };
 
 // Round the fp32 accumulators (rows x dp) into the caller's (rows x d) output of `dtype`.
-inline void store_rows(const float* acc, int64_t rows, int64_t d, int64_t dp, int dtype, void* out) {
+inline void store_rows(const float* acc, int64_t rows, int64_t d, int64_t dp, int dtype, void* out,
+                       bool accumulate = false) {
     for (int64_t r = 0; r < rows; ++r) {
         const float* in = acc + r * dp;
-        if (dtype == kF32) {
+        if (accumulate) {  // fp32 only (checked at the binding): a cross-rank partial added to its running sum
+            float* o = static_cast<float*>(out) + r * d;
+            for (int64_t k = 0; k < d; ++k) o[k] += in[k];
+        } else if (dtype == kF32) {
             std::memcpy(static_cast<float*>(out) + r * d, in, sizeof(float) * d);
         } else {
             uint16_t* o = static_cast<uint16_t*>(out) + r * d;

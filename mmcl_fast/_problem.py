@@ -39,3 +39,13 @@ class Gradients(NamedTuple):
     dscale: Tensor
     drow_bias: Tensor
     dcol_bias: Tensor
+
+
+def add_into(out, dx: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dy), or with `out` = (dx_sum, dy_sum): the sums with the new gradients added in place (the `out=` option of
+    the backends' backward entry points, for backends that compute into a fresh tensor first)."""
+    if out is None:
+        return dx, dy
+    out[0].add_(dx)
+    out[1].add_(dy)
+    return out[0], out[1]

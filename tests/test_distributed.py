@@ -33,6 +33,7 @@ EQUAL_SIZES = {2: (4, 4), 3: (3, 3, 3)}
 # out: a caption's gradient is a sum of W partials that the primitive hands back already rounded to bf16, so it
 # carries W + 1 roundings, not the one that GRAD_RTOL[bf16] budgets for.
 DTYPES = (torch.float32, torch.float64)
+IMPLS = ("ring", "gather")  # mmcl_fast.distributed.CLIP_DIST_IMPLS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,16 +185,17 @@ def _run_and_backward(loss_fn, case: dict, rank: int, world: int, device: str) -
     return out
 
 
-def _scenario_function(rank, world, cases, backend, device) -> dict:
-    """mmcl_fast.distributed.clip_loss on every case, both local_loss values."""
+def _scenario_function(rank, world, cases, backend, device, impls=IMPLS) -> dict:
+    """mmcl_fast.distributed.clip_loss on every case, both local_loss values, every dist_impl."""
     from mmcl_fast import distributed as mdist
     results = {}
-    for name, case in cases.items():
-        for local_loss in (False, True):
-            results[name, local_loss] = _run_and_backward(
-                lambda x, y, s, b, local_loss=local_loss: mdist.clip_loss(x, y, s, b, local_loss=local_loss,
-                                                                      backend=backend),
-                case, rank, world, device)
+    for impl in impls:
+        for name, case in cases.items():
+            for local_loss in (False, True):
+                results[name, local_loss, impl] = _run_and_backward(
+                    lambda x, y, s, b, local_loss=local_loss, impl=impl: mdist.clip_loss(
+                        x, y, s, b, local_loss=local_loss, dist_impl=impl, backend=backend),
+                    case, rank, world, device)
     return results
 
 
@@ -213,7 +215,7 @@ def _scenario_no_reduce_scatter(rank, world, cases, backend, device) -> dict:
         setattr(dist, name, unsupported)
     try:
         results = _scenario_function(rank, world, {f"unequal-{torch.float32}": cases[f"unequal-{torch.float32}"]},
-                                     backend, device)
+                                     backend, device, impls=("gather",))  # the ring never reduce-scatters
         results["refused"] = len(refused)
         return results
     finally:
@@ -282,17 +284,20 @@ def _scenario_errors(rank, world, cases, backend, device) -> dict:
 
 def _scenario_memory(rank, world, cases, backend, device) -> dict:
     """Peak RSS growth of one fwd+bwd step at N = MEMORY_N, D = MEMORY_DIM (small D: an N_r x N buffer would
-    dwarf everything the algorithm needs, O(N * D))."""
+    dwarf everything the algorithm needs, O(N * D)), for every dist_impl."""
     from mmcl_fast import distributed as mdist
     from mmcl_fast.bench.memory import RssPeak
     n_local = MEMORY_N // world + (rank < MEMORY_N % world)
-    image, text = (F.normalize(torch.randn(n_local, MEMORY_DIM), dim=1).requires_grad_() for _ in range(2))
-    scale = torch.tensor(50.0, requires_grad=True)
-    warm = [torch.randn(8, MEMORY_DIM).requires_grad_() for _ in range(2)]
-    mdist.clip_loss(*warm, scale, backend=backend).backward()
-    with RssPeak() as probe:
-        mdist.clip_loss(image, text, scale, backend=backend).backward()
-    return {"peak_bytes": probe.peak_bytes, "method": probe.method, "n_local": n_local}
+    results = {}
+    for impl in IMPLS:
+        image, text = (F.normalize(torch.randn(n_local, MEMORY_DIM), dim=1).requires_grad_() for _ in range(2))
+        scale = torch.tensor(50.0, requires_grad=True)
+        warm = [torch.randn(8, MEMORY_DIM).requires_grad_() for _ in range(2)]
+        mdist.clip_loss(*warm, scale, dist_impl=impl, backend=backend).backward()
+        with RssPeak() as probe:
+            mdist.clip_loss(image, text, scale, dist_impl=impl, backend=backend).backward()
+        results[impl] = {"peak_bytes": probe.peak_bytes, "method": probe.method, "n_local": n_local}
+    return results
 
 
 _SCENARIOS = {"memory": _scenario_memory, "function": _scenario_function,
@@ -319,14 +324,16 @@ def gloo_group(request, tmp_path_factory):
 # tests
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_and_grads_match_single_process_reference(gloo_group, backend):
+def test_loss_and_grads_match_single_process_reference(gloo_group, backend, impl):
     """Unequal batches, fp32 (1e-5) and float64 (1e-10), with and without logit_bias, both local_loss values."""
     _, cases, per_rank = gloo_group
     results = _block(per_rank, f"function:{backend}")
     for name, case in cases.items():
         for local_loss in (False, True):
-            _check_against_reference(case, [result[name, local_loss] for result in results], local_loss)
+            _check_against_reference(case, [result[name, local_loss, impl] for result in results], local_loss,
+                                     label=f"dist_impl={impl}")
 
 
 def test_all_reduce_fallback_without_reduce_scatter_is_exact(gloo_group):
@@ -335,7 +342,8 @@ def test_all_reduce_fallback_without_reduce_scatter_is_exact(gloo_group):
     assert all(result["refused"] == 2 for result in results)  # one backward per local_loss value
     name = f"unequal-{torch.float32}"
     for local_loss in (False, True):
-        _check_against_reference(cases[name], [result[name, local_loss] for result in results], local_loss)
+        _check_against_reference(cases[name], [result[name, local_loss, "gather"] for result in results],
+                                 local_loss)
 
 
 def test_cliploss_every_flag_combination_is_exact(gloo_group):
@@ -403,13 +411,14 @@ def test_no_local_times_global_memory(gloo_group):
     """Per-rank peak RSS growth of a step stays far below one N_local x N fp32 buffer (what open_clip holds
     twice), at N = 4096, D = 8 where the algorithm's own O(N * D) state is 128 KiB."""
     world, _, per_rank = gloo_group
-    results = _block(per_rank, "memory:auto")
-    for rank, result in enumerate(results):
+    results = {(rank, impl): result[impl] for rank, result in enumerate(_block(per_rank, "memory:auto"))
+               for impl in IMPLS}
+    for (rank, impl), result in results.items():
         if result["peak_bytes"] is None:
             pytest.skip(f"no peak-RSS probe on this platform ({result['method']})")
         quadratic = result["n_local"] * MEMORY_N * 4
         assert result["peak_bytes"] < quadratic / 4, (
-            f"rank {rank}: peak RSS growth {result['peak_bytes'] / 2**20:.1f} MiB vs one N_local x N buffer "
+            f"rank {rank} {impl}: peak RSS growth {result['peak_bytes'] / 2**20:.1f} MiB vs one N_local x N buffer "
             f"{quadratic / 2**20:.1f} MiB")
 
 
@@ -428,4 +437,5 @@ def test_nccl_world_size_one_matches_reference(backend, tmp_path):
     results = _block([result], f"function:{backend}")
     for name, case in cases.items():
         for local_loss in (False, True):
-            _check_against_reference(case, [results[0][name, local_loss]], local_loss)
+            for impl in IMPLS:
+                _check_against_reference(case, [results[0][name, local_loss, impl]], local_loss)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._problem import Affine, Gradients
+from .._problem import Affine, Gradients, add_into
 
 from .._ops import _batched_dot
 
@@ -107,7 +107,9 @@ def _add_targets(g: Tensor, target: Tensor, target_grad: Tensor, start: int, dim
         g.scatter_add_(0, index[None, :], value[None, :])
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+    """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype` (default: the features' dtype)."""
+    grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
     n, m = x.shape[0], y.shape[0]
@@ -156,8 +158,8 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
         g.mul_(scale[i0:i1, None].to(acc))
         dx[i0:i1].addmm_(g, y_blk)
         dy[j0:j1].addmm_(g.T, x_blk)
-    return (dx.to(x.dtype), dy.to(y.dtype), dscale.to(scale.dtype), drow.to(row_bias.dtype),
-            dcol.to(col_bias.dtype))
+    return (*add_into(out, dx.to(grad_dtype or x.dtype), dy.to(grad_dtype or y.dtype)), dscale.to(scale.dtype),
+            drow.to(row_bias.dtype), dcol.to(col_bias.dtype))
 
 
 def _negate_positives(t: Tensor, pos_cols: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
@@ -169,7 +171,7 @@ def _negate_positives(t: Tensor, pos_cols: Tensor, i0: int, i1: int, j0: int, j1
     t.scatter_add_(1, index, torch.where(inside, -2.0 * t.gather(1, index), 0.0))
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
     """Row sums of softplus(-z L) and (need_grad) the gradients of their total, tile by tile: forward and backward
     in one sweep (3 GEMM-equivalents with gradients, 1 without), at most three tiles alive (S, u = -z L and the
     softplus temporary; G overwrites u)."""
@@ -200,4 +202,6 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
         g.mul_(scale[i0:i1, None].to(acc))
         grads.dx[i0:i1].addmm_(g, y_blk)
         grads.dy[j0:j1].addmm_(g.T, x_blk)
+    if need_grad and out is not None:
+        grads = grads._replace(**dict(zip(("dx", "dy"), add_into(out, grads.dx, grads.dy))))
     return row_loss, (grads if need_grad else None)

@@ -117,7 +117,11 @@ def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+    """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype`: the features' dtype (default) or float32.
+
+    out: optional (dx, dy) float32 tensors the gradients are added to (returned as dx, dy): a cross-rank running sum
+    without a partial-sized temporary."""
     x, y = problem.x, problem.y
     need_row = row_lse.numel() > 0 and grad_row.numel() > 0
     need_col = col_lse.numel() > 0 and grad_col.numel() > 0
@@ -132,22 +136,24 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
             folded.update(row_target=extras.row_target, row_target_grad=extras.row_target_grad)
         if present(extras.col_target) and present(extras.col_target_grad):
             folded.update(col_target=extras.col_target, col_target_grad=extras.col_target_grad)
-    grads = Gradients(torch.empty(x.shape, dtype=x.dtype), torch.empty(y.shape, dtype=y.dtype),
-                      torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
+    grad_dtype = torch.float32 if out is not None else (grad_dtype or x.dtype)
+    dx, dy = out if out is not None else (torch.empty(x.shape, dtype=grad_dtype), torch.empty(y.shape, dtype=grad_dtype))
+    grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                       torch.empty_like(problem.col_bias))
     _module().lse_backward(
         _affine(problem), _vector(row_lse, "row_lse") if need_row else None,
         _vector(col_lse, "col_lse") if need_col else None, _vector(grad_row, "grad_row") if need_row else None,
         _vector(grad_col, "grad_col") if need_col else None,
         _module().LseExtras(**{name: _optional_vector(t, name) for name, t in folded.items()}),
-        _gradients(grads), torch.get_num_threads())
+        _gradients(grads), torch.get_num_threads(), out is not None)
     return tuple(grads)
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
     """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total.
 
-    pos_cols: (N, K) int64, row i's positive columns ascending, then -1 padding (see `_ops.sigmoid_stats`)."""
+    pos_cols: (N, K) int64, row i's positive columns ascending, then -1 padding (see `_ops.sigmoid_stats`).
+    out: optional (dx, dy) float32 tensors the feature gradients are added to (with need_grad)."""
     x, y = problem.x, problem.y
     valid = pos_cols >= 0
     ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
@@ -156,11 +162,12 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
     row_loss = torch.empty(x.shape[0], dtype=torch.float32)
     grads = None
     if need_grad:
-        grads = Gradients(torch.empty(x.shape, dtype=torch.float32), torch.empty(y.shape, dtype=torch.float32),
-                          torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
+        dx, dy = out if out is not None else (torch.empty(x.shape, dtype=torch.float32),
+                                              torch.empty(y.shape, dtype=torch.float32))
+        grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                           torch.empty_like(problem.col_bias))
     _module().sigmoid_loss(_affine(problem), _module().Positives(_vector(positives.ptr, "positives.ptr"),
                                                                  _vector(positives.cols, "positives.cols")),
                            _vector(row_loss, "row_loss"), None if grads is None else _gradients(grads),
-                           torch.get_num_threads())
+                           torch.get_num_threads(), need_grad and out is not None)
     return row_loss, grads

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._problem import Affine, Gradients
+from .._problem import Affine, Gradients, add_into
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -52,18 +52,19 @@ def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras=None):
     return g
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+    grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
     g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras)
     gs = g * scale.to(acc)[:, None]
-    dx = (gs @ y.to(acc)).to(x.dtype)
-    dy = (gs.T @ x.to(acc)).to(y.dtype)
+    dx = (gs @ y.to(acc)).to(grad_dtype or x.dtype)
+    dy = (gs.T @ x.to(acc)).to(grad_dtype or y.dtype)
     dscale = (g * sim).sum(1).to(scale.dtype)
     drow = g.sum(1).to(row_bias.dtype)
     dcol = g.sum(0).to(col_bias.dtype)
-    return dx, dy, dscale, drow, dcol
+    return (*add_into(out, dx, dy), dscale, drow, dcol)
 
 
 def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
@@ -73,7 +74,7 @@ def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
     return mask[:, :m]
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
     """Dense sigmoid loss: row sums of softplus(-z L) and (need_grad) the gradients of their total."""
     x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
@@ -85,4 +86,4 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
         return row_loss, None
     g = sign * torch.sigmoid(u)
     gs = g * scale.to(acc)[:, None]
-    return row_loss, Gradients(gs @ y.to(acc), gs.T @ x.to(acc), (g * sim).sum(1), g.sum(1), g.sum(0))
+    return row_loss, Gradients(*add_into(out, gs @ y.to(acc), gs.T @ x.to(acc)), (g * sim).sum(1), g.sum(1), g.sum(0))

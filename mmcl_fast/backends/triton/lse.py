@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._problem import Affine, Gradients
+from ..._problem import Affine, Gradients, add_into
 
 from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
@@ -600,22 +600,26 @@ def _optional(t, name: str, length: int, device, dtype=torch.float32):
     return t.contiguous(), True
 
 
-def lse_bwd(problem: Affine, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None):
+def lse_bwd(problem: Affine, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None,
+            grad_dtype=None, out=None):
     """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
 
     `extras` (optional, see `_ops.Extras`): row_const, col_const, row_target + row_target_grad,
     col_target + col_target_grad, the linear terms folded into G; empty tensors or None mean absent, as do an
-    empty LSE or LSE gradient.
+    empty LSE or LSE gradient. dx / dy come in `grad_dtype` (default: the features' dtype; float32 keeps the
+    partial gradients of a cross-rank sum unrounded).
     Three GEMM-equivalents: the recompute of each tile of X Y^T (with da, dr, dc reduced from it), then
     dX += G Y and dY += G^T X over each staged chunk of G.
     """
     x, y, scale, row_bias, col_bias = problem
     _check_problem(x, y, scale, row_bias, col_bias)
     with _on_device(x):
-        return _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras)
+        dx, dy, dscale, drow, dcol = _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col,
+                                              extras, out[0].dtype if out is not None else (grad_dtype or x.dtype))
+    return (*add_into(out, dx, dy), dscale, drow, dcol)
 
 
-def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras):
+def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras, grad_dtype):
     n, d = x.shape
     m = y.shape[0]
     device = x.device
@@ -643,11 +647,11 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
         flags=dict(HAS_ROW=has_row, HAS_COL=has_col, HAS_ROW_CONST=has_row_const, HAS_COL_CONST=has_col_const,
                    HAS_ROW_TARGET=has_row_target, HAS_COL_TARGET=has_col_target),
         g_bound=bound_terms)
-    dx, dy, dscale, drow, dcol, _ = _sweep(x, y, scale, row_bias, col_bias, epilogue, grads=True, grad_dtype=x.dtype)
+    dx, dy, dscale, drow, dcol, _ = _sweep(x, y, scale, row_bias, col_bias, epilogue, grads=True, grad_dtype=grad_dtype)
     return dx, dy, dscale, drow, dcol
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
     """(row_loss (N,), Gradients in fp32 or None) of the sigmoid loss (see `_sigmoid_epilogue`), one fused sweep.
 
     pos_cols: (N, K) int64 positive columns per row (-1 padded). 3 GEMM-equivalents with gradients (the
@@ -672,7 +676,7 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool):
                                                       grad_dtype=torch.float32)
     if not need_grad:
         return row_loss, None
-    return row_loss, Gradients(dx, dy, dscale, drow, dcol)
+    return row_loss, Gradients(*add_into(out, dx, dy), dscale, drow, dcol)
 
 
 class _Epilogue(NamedTuple):
