@@ -116,6 +116,25 @@ struct Gradients {
     }
 };
 
+// In-place accumulation (Problem::grad_in_place): dx / dy are the kernel's fp32 accumulators, given with their full
+// capacity in rows, which must leave kSpareRows past the problem's rows, and the kernel's padded row stride.
+void check_in_place(const Gradients& out, const AffineProblem& pr, int64_t feature_block) {
+    const int64_t stride = (pr.x.cols + feature_block - 1) / feature_block * feature_block;
+    auto check = [&](const Matrix& acc, const char* name, int64_t rows) {
+        if (acc.dtype != kF32 || acc.cols != pr.x.cols || acc.row_stride != stride || acc.rows < rows + mmcl::kSpareRows)
+            fail(std::string(name) + ": an in-place accumulator must be float32 with " + std::to_string(pr.x.cols) +
+                 " columns, row stride " + std::to_string(stride) + " and at least " +
+                 std::to_string(rows + mmcl::kSpareRows) + " rows of capacity, got (" + std::to_string(acc.rows) +
+                 ", " + std::to_string(acc.cols) + ") " + code_name(acc.dtype) + " with row stride " +
+                 std::to_string(acc.row_stride));
+    };
+    check(out.dx, "Gradients.dx", pr.x.rows);
+    check(out.dy, "Gradients.dy", pr.y.rows);
+    expect_vector(out.dscale, "Gradients.dscale", pr.x.rows, kF32);
+    expect_vector(out.drow, "Gradients.drow", pr.x.rows, kF32);
+    expect_vector(out.dcol, "Gradients.dcol", pr.y.rows, kF32);
+}
+
 // The linear terms folded into the LSE backward's gradient weights (dispatch.h: Extras); each optional.
 struct LseExtras {
     std::optional<Vector> row_const, col_const, row_target, row_target_grad, col_target, col_target_grad;
@@ -181,6 +200,9 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init<const Vector&, const Vector&>(), py::arg("ptr"), py::arg("cols"));
 
     m.def("isa", []() { return std::string(active->isa); }, "The ISA build in use (e.g. 'avx2', 'neon', 'scalar').");
+    m.def("feature_block", []() { return active->feature_block; },
+          "The feature block of the ISA build in use: in-place fp32 accumulators have row stride d rounded up to it.");
+    m.attr("spare_rows") = mmcl::kSpareRows;
     m.def("set_isa", [](const std::string& isa) { active = mmcl::select_isa(isa); return std::string(active->isa); },
           "Switch the ISA build ('auto' or a name from compiled_isas()); returns the one now in use.");
     m.def("compiled_isas",
@@ -207,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("lse_backward",
           [](const AffineProblem& pr, std::optional<Vector> row_lse, std::optional<Vector> col_lse,
              std::optional<Vector> grad_row, std::optional<Vector> grad_col, const LseExtras& ex,
-             const Gradients& out, int threads, bool accumulate) {
+             const Gradients& out, int threads, bool accumulate, bool in_place) {
               if (row_lse.has_value() != grad_row.has_value() || col_lse.has_value() != grad_col.has_value())
                   fail("lse_backward: an LSE needs its gradient and vice versa");
               if (row_lse) { expect_vector(*row_lse, "row_lse", pr.x.rows, kF32); expect_vector(*grad_row, "grad_row", pr.x.rows, kF32); }
@@ -231,7 +253,9 @@ PYBIND11_MODULE(_C, m) {
               check_range(ex.col_target, n, "col_target");
               // dx / dy in the features' dtype, or fp32 (partials of a cross-rank sum, rounded once at the owner)
               const int grad_dtype = out.dx.dtype == kF32 ? kF32 : pr.x.dtype;
-              out.check(pr, grad_dtype);
+              if (in_place && !accumulate) fail("lse_backward: in_place=True needs accumulate=True");
+              if (in_place) check_in_place(out, pr, active->feature_block);
+              else out.check(pr, grad_dtype);
               if (accumulate && grad_dtype != kF32) fail("lse_backward: accumulate=True needs float32 dx / dy");
               mmcl::Extras extras;
               extras.row_const = ptr<const float>(ex.row_const);
@@ -243,6 +267,7 @@ PYBIND11_MODULE(_C, m) {
               mmcl::Problem p = pr.problem();
               p.grad_dtype = grad_dtype;
               p.grad_accumulate = accumulate;
+              p.grad_in_place = in_place;
               check_threads(threads);
               py::gil_scoped_release release;
               active->backward(p, ptr<const float>(row_lse), ptr<const float>(col_lse), ptr<const float>(grad_row),
@@ -252,17 +277,22 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("problem"), py::arg("row_lse"), py::arg("col_lse"), py::arg("grad_row"), py::arg("grad_col"),
           py::arg("extras"), py::arg("out"), py::arg("threads"), py::arg("accumulate") = false,
+          py::arg("in_place") = false,
           "Gradients of sum(grad_row*row_lse) + sum(grad_col*col_lse) + the folded linear terms; dx/dy in the "
-          "features' dtype or float32 (accumulate: added to fp32 dx/dy instead of overwriting them).");
+          "features' dtype or float32 (accumulate: added to fp32 dx/dy instead of overwriting them; in_place: dx/dy "
+          "are the kernel's own accumulators, see check_in_place).");
 
     m.def("sigmoid_loss",
           [](const AffineProblem& pr, const PositivePairs& positives, const Vector& row_loss,
-             std::optional<Gradients> out, int threads, bool accumulate) {
+             std::optional<Gradients> out, int threads, bool accumulate, bool in_place) {
               expect_vector(row_loss, "row_loss", pr.x.rows, kF32);
               const mmcl::Positives pos = positives.check(pr.x.rows, pr.y.rows);
-              if (out) out->check(pr, kF32);
+              if (in_place && !(accumulate && out)) fail("sigmoid_loss: in_place=True needs out and accumulate=True");
+              if (out && in_place) check_in_place(*out, pr, active->feature_block);
+              else if (out) out->check(pr, kF32);
               mmcl::Problem p = pr.problem();
               p.grad_accumulate = accumulate;
+              p.grad_in_place = in_place;
               check_threads(threads);
               py::gil_scoped_release release;
               if (out)
@@ -273,7 +303,8 @@ PYBIND11_MODULE(_C, m) {
                   active->sigmoid(p, pos, ptr<float>(row_loss.data), nullptr, nullptr, nullptr, nullptr, nullptr, threads);
           },
           py::arg("problem"), py::arg("positives"), py::arg("row_loss"), py::arg("out"), py::arg("threads"),
-          py::arg("accumulate") = false,
+          py::arg("accumulate") = false, py::arg("in_place") = false,
           "Row sums of softplus(-z L) (z = +1 on positives, -1 elsewhere) and, with `out`, the gradients of their "
-          "total: fp32 dx / dy (accumulate: added to them), dscale, drow, dcol (one fused sweep).");
+          "total: fp32 dx / dy (accumulate: added to them; in_place: they are the kernel's own accumulators), dscale, "
+          "drow, dcol (one fused sweep).");
 }

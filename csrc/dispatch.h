@@ -16,7 +16,14 @@ struct Problem {
     const float* col_bias;  // (m,)
     int grad_dtype = -1;    // dtype of the dx / dy an LSE backward writes: -1 = dtype (the features'), or kF32
     bool grad_accumulate = false;  // fp32 dx / dy only: add the gradients to the outputs instead of overwriting them
+    // With grad_accumulate: dx / dy are the kernel's fp32 accumulators themselves (row stride round_up(d,
+    // feature_block), at least n + kSpareRows / m + kSpareRows rows: padded row blocks write past the last row), so
+    // no accumulator-sized temporary is allocated and nothing is copied.
+    bool grad_in_place = false;
 };
+
+// Rows past the last one that a kernel may write into an in-place accumulator (round_up(rows, MR or 32) - rows).
+constexpr int64_t kSpareRows = 32;
 
 // Linear terms of the loss folded into the gradient weights, so that dx / dy are rounded once:
 //   G_ij += row_const_i + col_const_j + row_target_grad_i [j == row_target_i] + col_target_grad_j [i == col_target_j]
@@ -39,6 +46,7 @@ struct Positives {
 
 struct KernelTable {
     const char* isa;
+    int feature_block;  // NR: the fp32 accumulators' row stride is d rounded up to a multiple of this
     void (*forward)(const Problem&, float* row_lse, float* col_lse, int threads);
     void (*backward)(const Problem&, const float* row_lse, const float* col_lse, const float* grad_row,
                      const float* grad_col, const Extras& extras, void* dx, void* dy, float* dscale, float* drow, float* dcol,

@@ -109,9 +109,11 @@ struct LseKernel {
     // ---------------------------------------------------------------------------------------------------------
     // backward
     // ---------------------------------------------------------------------------------------------------------
-    // dx / dy: fp32 accumulators, (round_up(n, MC) x dp) and (round_up(m, NC) x dp), zero-initialised here.
+    // dx / dy: fp32 accumulators of row stride dp, zero-initialised here ((round_up(n, MC) x dp) and
+    // (round_up(m, NC) x dp)) unless `zero` is false (in-place accumulation: n + kSpareRows / m + kSpareRows rows).
     void backward(const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
-                  const Extras& ex, float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol) const {
+                  const Extras& ex, float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol,
+                  bool zero = true) const {
         const bool use_row = row_lse != nullptr, use_col = col_lse != nullptr;
         const int64_t mpad_total = round_up(p.m, NC);
         // Column-side vectors padded to whole blocks; padded columns have zero gradient weight.
@@ -121,8 +123,10 @@ struct LseKernel {
             for (int64_t j = 0; j < p.m; ++j) { lse_c[j] = col_lse[j]; g_c[j] = grad_col[j]; }
         if (ex.col_const)
             for (int64_t j = 0; j < p.m; ++j) const_c[j] = ex.col_const[j];
-        std::fill(dx_acc, dx_acc + round_up(p.n, MC) * tiles.dp, 0.0f);
-        std::fill(dy_acc, dy_acc + mpad_total * tiles.dp, 0.0f);
+        if (zero) {
+            std::fill(dx_acc, dx_acc + round_up(p.n, MC) * tiles.dp, 0.0f);
+            std::fill(dy_acc, dy_acc + mpad_total * tiles.dp, 0.0f);
+        }
         for (int64_t i = 0; i < p.n; ++i) { dscale[i] = 0.0f; drow[i] = 0.0f; }
 
         tiles.sweep(true, [&](Scratch& s, int64_t i0, int64_t mc, int64_t j0, int64_t nc) {
@@ -202,6 +206,11 @@ void lse_backward(const Problem& p, const float* row_lse, const float* col_lse, 
                   const float* grad_col, const Extras& ex, void* dx, void* dy, float* dscale, float* drow,
                   float* dcol, int threads) {
     LseKernel<V> k(p, threads);
+    if (p.grad_in_place) {
+        k.backward(row_lse, col_lse, grad_row, grad_col, ex, static_cast<float*>(dx), static_cast<float*>(dy), dscale,
+                   drow, dcol, false);
+        return;
+    }
     std::vector<float> dx_acc(round_up(p.n, Shape<V>::MC) * k.tiles.dp), dy_acc(round_up(p.m, Shape<V>::NC) * k.tiles.dp);
     k.backward(row_lse, col_lse, grad_row, grad_col, ex, dx_acc.data(), dy_acc.data(), dscale, drow, dcol);
     const int out_dtype = p.grad_dtype < 0 ? p.dtype : p.grad_dtype;

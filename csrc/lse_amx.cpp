@@ -7,7 +7,7 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable amxbf16_table = {amxbf16::VecAvx512::name, &amxbf16::lse_forward<amxbf16::VecAvx512>,
+const KernelTable amxbf16_table = {amxbf16::VecAvx512::name, amxbf16::Shape<amxbf16::VecAvx512>::NR, &amxbf16::lse_forward<amxbf16::VecAvx512>,
                                    &amxbf16::lse_backward<amxbf16::VecAvx512>,
                                    &amxbf16::sigmoid_loss<amxbf16::VecAvx512>};
 }

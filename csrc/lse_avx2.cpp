@@ -6,6 +6,6 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable avx2_table = {avx2::VecAvx2::name, &avx2::lse_forward<avx2::VecAvx2>, &avx2::lse_backward<avx2::VecAvx2>,
+const KernelTable avx2_table = {avx2::VecAvx2::name, avx2::Shape<avx2::VecAvx2>::NR, &avx2::lse_forward<avx2::VecAvx2>, &avx2::lse_backward<avx2::VecAvx2>,
         &avx2::sigmoid_loss<avx2::VecAvx2>};
 }

@@ -6,6 +6,6 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable avx512_table = {avx512::VecAvx512::name, &avx512::lse_forward<avx512::VecAvx512>, &avx512::lse_backward<avx512::VecAvx512>,
+const KernelTable avx512_table = {avx512::VecAvx512::name, avx512::Shape<avx512::VecAvx512>::NR, &avx512::lse_forward<avx512::VecAvx512>, &avx512::lse_backward<avx512::VecAvx512>,
         &avx512::sigmoid_loss<avx512::VecAvx512>};
 }

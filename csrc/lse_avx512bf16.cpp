@@ -6,7 +6,7 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable avx512bf16_table = {avx512bf16::VecAvx512::name, &avx512bf16::lse_forward<avx512bf16::VecAvx512>,
+const KernelTable avx512bf16_table = {avx512bf16::VecAvx512::name, avx512bf16::Shape<avx512bf16::VecAvx512>::NR, &avx512bf16::lse_forward<avx512bf16::VecAvx512>,
                                       &avx512bf16::lse_backward<avx512bf16::VecAvx512>,
         &avx512bf16::sigmoid_loss<avx512bf16::VecAvx512>};
 }

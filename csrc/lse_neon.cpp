@@ -6,6 +6,6 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable neon_table = {neon::VecNeon::name, &neon::lse_forward<neon::VecNeon>, &neon::lse_backward<neon::VecNeon>,
+const KernelTable neon_table = {neon::VecNeon::name, neon::Shape<neon::VecNeon>::NR, &neon::lse_forward<neon::VecNeon>, &neon::lse_backward<neon::VecNeon>,
         &neon::sigmoid_loss<neon::VecNeon>};
 }

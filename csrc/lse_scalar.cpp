@@ -6,6 +6,6 @@
 #include "dispatch.h"
 
 namespace mmcl {
-const KernelTable scalar_table = {scalar::VecScalar::name, &scalar::lse_forward<scalar::VecScalar>, &scalar::lse_backward<scalar::VecScalar>,
+const KernelTable scalar_table = {scalar::VecScalar::name, scalar::Shape<scalar::VecScalar>::NR, &scalar::lse_forward<scalar::VecScalar>, &scalar::lse_backward<scalar::VecScalar>,
         &scalar::sigmoid_loss<scalar::VecScalar>};
 }

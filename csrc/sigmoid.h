@@ -57,14 +57,18 @@ struct SigmoidKernel {
 
     // row_loss (n,) gets sum_j softplus(-z_ij L_ij). With gradients (dx_acc non-null): dx / dy fp32 accumulators of
     // (round_up(n, MC) x dp) and (round_up(m, NC) x dp), dscale / drow (n,), dcol (m,), all zero-initialised here.
-    void run(float* row_loss, float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol) const {
+    // zero = false: dx / dy are in-place accumulators (n + kSpareRows / m + kSpareRows rows), added to.
+    void run(float* row_loss, float* dx_acc, float* dy_acc, float* dscale, float* drow, float* dcol,
+             bool zero = true) const {
         const bool grads = dx_acc != nullptr;
         const int64_t mpad_total = round_up(p.m, NC);
         std::vector<float> dcol_acc(grads ? mpad_total : 0, 0.0f);
         std::fill(row_loss, row_loss + p.n, 0.0f);
         if (grads) {
-            std::fill(dx_acc, dx_acc + round_up(p.n, MC) * tiles.dp, 0.0f);
-            std::fill(dy_acc, dy_acc + mpad_total * tiles.dp, 0.0f);
+            if (zero) {
+                std::fill(dx_acc, dx_acc + round_up(p.n, MC) * tiles.dp, 0.0f);
+                std::fill(dy_acc, dy_acc + mpad_total * tiles.dp, 0.0f);
+            }
             std::fill(dscale, dscale + p.n, 0.0f);
             std::fill(drow, drow + p.n, 0.0f);
         }
@@ -140,6 +144,10 @@ void sigmoid_loss(const Problem& p, const Positives& pos, float* row_loss, float
     SigmoidKernel<V> k(p, pos, threads);
     if (dx == nullptr) {
         k.run(row_loss, nullptr, nullptr, nullptr, nullptr, nullptr);
+        return;
+    }
+    if (p.grad_in_place) {
+        k.run(row_loss, dx, dy, dscale, drow, dcol, false);
         return;
     }
     std::vector<float> dx_acc(round_up(p.n, Shape<V>::MC) * k.tiles.dp), dy_acc(round_up(p.m, Shape<V>::NC) * k.tiles.dp);

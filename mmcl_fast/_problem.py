@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -49,3 +50,14 @@ def add_into(out, dx: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     out[0].add_(dx)
     out[1].add_(dy)
     return out[0], out[1]
+
+
+# Rows past the end of a gradient accumulator that a compiled kernel may write into when it adds to the accumulator
+# in place (its padded row blocks; csrc/dispatch.h kSpareRows). `accumulator` leaves them.
+SPARE_ROWS = 32
+
+
+def accumulator(rows: int, cols: int, dtype: torch.dtype, device) -> Tensor:
+    """A zeroed (rows, cols) gradient accumulator that the backends' ``out=..., in_place=True`` may add into directly
+    (no accumulator-sized temporary): a view of the first rows of a buffer with SPARE_ROWS more."""
+    return torch.zeros((rows + SPARE_ROWS, cols), dtype=dtype, device=device)[:rows]

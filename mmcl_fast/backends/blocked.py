@@ -107,7 +107,8 @@ def _add_targets(g: Tensor, target: Tensor, target_grad: Tensor, start: int, dim
         g.scatter_add_(0, index[None, :], value[None, :])
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
+            in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype` (default: the features' dtype)."""
     grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
@@ -171,7 +172,7 @@ def _negate_positives(t: Tensor, pos_cols: Tensor, i0: int, i1: int, j0: int, j1
     t.scatter_add_(1, index, torch.where(inside, -2.0 * t.gather(1, index), 0.0))
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
     """Row sums of softplus(-z L) and (need_grad) the gradients of their total, tile by tile: forward and backward
     in one sweep (3 GEMM-equivalents with gradients, 1 without), at most three tiles alive (S, u = -z L and the
     softplus temporary; G overwrites u)."""

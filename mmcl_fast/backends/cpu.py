@@ -103,8 +103,26 @@ def _affine(problem: Affine):
                                    _vector(row_bias, "row_bias"), _vector(col_bias, "col_bias"))
 
 
-def _gradients(grads: Gradients):
-    return _module().Gradients(_matrix(grads.dx, "dx"), _matrix(grads.dy, "dy"), _vector(grads.dscale, "dscale"),
+def _capacity_rows(t: Tensor) -> int:
+    """Rows of `t`'s width that its storage holds from its first element on (an accumulator's spare rows included)."""
+    return (t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()) // max(t.shape[1], 1)
+
+
+def _in_place_ok(out) -> bool:
+    """Whether (dx, dy) can be the kernel's own accumulators: fp32, contiguous, spare rows, and a row stride (d)
+    that is a multiple of the build's feature block (otherwise the kernel's padded layout differs)."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.shape[1] % _module().feature_block() == 0
+               and _capacity_rows(t) >= t.shape[0] + _module().spare_rows for t in out)
+
+
+def _accumulator_matrix(t: Tensor, name: str):
+    """An in-place accumulator with its whole capacity (checked against the kernel's needs in the binding)."""
+    return _module().Matrix(t.data_ptr(), _capacity_rows(t), t.shape[1], t.shape[1], _FEATURE_CODES[t.dtype])
+
+
+def _gradients(grads: Gradients, in_place: bool = False):
+    matrix = _accumulator_matrix if in_place else _matrix
+    return _module().Gradients(matrix(grads.dx, "dx"), matrix(grads.dy, "dy"), _vector(grads.dscale, "dscale"),
                                _vector(grads.drow_bias, "drow_bias"), _vector(grads.dcol_bias, "dcol_bias"))
 
 
@@ -117,11 +135,13 @@ def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
+            in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype`: the features' dtype (default) or float32.
 
-    out: optional (dx, dy) float32 tensors the gradients are added to (returned as dx, dy): a cross-rank running sum
-    without a partial-sized temporary."""
+    out: optional (dx, dy) float32 tensors the gradients are added to (returned as dx, dy): a cross-rank running sum.
+    in_place: out comes from `_problem.accumulator` (spare rows past the end): the kernel adds into it directly,
+    without its own accumulator-sized temporaries (when d is a multiple of the build's feature block)."""
     x, y = problem.x, problem.y
     need_row = row_lse.numel() > 0 and grad_row.numel() > 0
     need_col = col_lse.numel() > 0 and grad_col.numel() > 0
@@ -140,20 +160,22 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
     dx, dy = out if out is not None else (torch.empty(x.shape, dtype=grad_dtype), torch.empty(y.shape, dtype=grad_dtype))
     grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                       torch.empty_like(problem.col_bias))
+    in_place = in_place and out is not None and _in_place_ok(out)
     _module().lse_backward(
         _affine(problem), _vector(row_lse, "row_lse") if need_row else None,
         _vector(col_lse, "col_lse") if need_col else None, _vector(grad_row, "grad_row") if need_row else None,
         _vector(grad_col, "grad_col") if need_col else None,
         _module().LseExtras(**{name: _optional_vector(t, name) for name, t in folded.items()}),
-        _gradients(grads), torch.get_num_threads(), out is not None)
+        _gradients(grads, in_place), torch.get_num_threads(), out is not None, in_place)
     return tuple(grads)
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
     """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total.
 
     pos_cols: (N, K) int64, row i's positive columns ascending, then -1 padding (see `_ops.sigmoid_stats`).
-    out: optional (dx, dy) float32 tensors the feature gradients are added to (with need_grad)."""
+    out: optional (dx, dy) float32 tensors the feature gradients are added to (with need_grad); in_place: as in
+    `lse_bwd`."""
     x, y = problem.x, problem.y
     valid = pos_cols >= 0
     ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
@@ -166,8 +188,9 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
                                               torch.empty(y.shape, dtype=torch.float32))
         grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                           torch.empty_like(problem.col_bias))
+    in_place = in_place and need_grad and out is not None and _in_place_ok(out)
     _module().sigmoid_loss(_affine(problem), _module().Positives(_vector(positives.ptr, "positives.ptr"),
                                                                  _vector(positives.cols, "positives.cols")),
-                           _vector(row_loss, "row_loss"), None if grads is None else _gradients(grads),
-                           torch.get_num_threads(), need_grad and out is not None)
+                           _vector(row_loss, "row_loss"), None if grads is None else _gradients(grads, in_place),
+                           torch.get_num_threads(), need_grad and out is not None, in_place)
     return row_loss, grads

@@ -52,7 +52,8 @@ def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras=None):
     return g
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None):
+def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
+            in_place=False):
     grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)
@@ -74,7 +75,7 @@ def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
     return mask[:, :m]
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
     """Dense sigmoid loss: row sums of softplus(-z L) and (need_grad) the gradients of their total."""
     x, y, scale, row_bias, col_bias = problem
     acc = _acc_dtype(x)

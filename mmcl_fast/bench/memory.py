@@ -46,8 +46,19 @@ def _reset_hwm() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Give the allocator's free pages back to the kernel (glibc malloc_trim), so that memory freed before a block
+    and reused inside it counts as growth, as it would in a fresh process. A no-op without glibc."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class RssPeak:
-    """Context manager: ``peak_bytes`` = peak RSS growth of this process inside the block.
+    """Context manager: ``peak_bytes`` = peak RSS growth of this process inside the block (the allocator's free
+    pages are released first, so the block cannot hide growth in memory an earlier step freed).
 
     Where the peak cannot be reset, the growth of VmHWM over its value at entry is reported instead (a lower
     bound that is exact when the block sets a new lifetime peak, the normal case in a fresh child process);
@@ -56,6 +67,7 @@ class RssPeak:
 
     def __enter__(self):
         self.peak_bytes: int | None = None
+        _release_free_heap()
         self.method = "clear_refs" if _reset_hwm() else "hwm_growth"
         self._rss0 = rss_bytes()
         self._hwm0 = hwm_bytes()

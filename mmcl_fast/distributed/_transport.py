@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._problem import SPARE_ROWS, accumulator
+
 # Whether the accumulator's transfer overlaps the tile too. On: the tile's column partials go to a fresh buffer while
 # the accumulator is in flight, then are added (one more block-sized buffer per rank). Off: the accumulator is
 # received before the tile and the kernel adds into it in place (least memory; the accumulator's hop is not hidden).
@@ -87,64 +89,112 @@ def _empty(like: tuple, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def ring_pass(group, rank: int, world: int, lanes: list, visit: Callable, merge: Callable | None,
-              device: torch.device, overlap: bool) -> list:
-    """Visit every block of every lane once; return, per lane, the accumulator of this rank's own block.
+def _widest(likes: list) -> tuple:
+    """The (shape, dtype) that holds any of `likes` (same dtype and trailing dims, differing row counts), with the
+    spare rows a kernel may write past the end of an in-place accumulator (`_problem.accumulator`)."""
+    (shape, dtype), rows = likes[0], max(like[0][0] for like in likes)
+    return (rows + SPARE_ROWS,) + tuple(shape[1:]), dtype
 
-    visit(lane_index, origin, payload, acc) -> acc: compute the tile of this rank's rows against the block `origin`
-    owns and add its column statistics to `acc` (None: start a new accumulator) and return it (None when the lane
-    has no accumulator). merge(lane_index, acc, partial) -> acc combines an arriving accumulator with a partial that
-    was computed while it was in flight (used when `overlap`).
+
+def _rows(buffer: Tensor, like: tuple) -> Tensor:
+    """The leading rows of a preallocated buffer that hold a block of shape like[0] (a contiguous view)."""
+    return buffer[:like[0][0]]
+
+
+class _PingPong:
+    """`count` buffers of the widest shape a lane needs, reused every step: a ring allocates nothing per step (no
+    allocator growth with W) and hands out row views, so uneven blocks share the same buffers."""
+
+    def __init__(self, likes: list, count: int, device: torch.device):
+        widest = _widest(likes)
+        self.buffers = [_empty(widest, device) for _ in range(count)]
+
+    def get(self, index: int, like: tuple) -> Tensor:
+        return _rows(self.buffers[index], like)
+
+
+def ring_pass(group, rank: int, world: int, lanes: list, visit: Callable, merge: Callable | None,
+              device: torch.device, overlap: bool, final_out: list | None = None) -> list:
+    """Visit every block of every lane once; return, per lane, the accumulator of this rank's own block (None for a
+    lane without accumulator), received into `final_out[lane]` where given (else into a ring buffer).
+
+    visit(lane_index, origin, payload, acc, fresh): compute the tile of this rank's rows against the block `origin`
+    owns and put its column statistics into `acc` (overwrite when `fresh`, otherwise combine with what `acc` holds);
+    acc is None for a lane without accumulator. merge(lane_index, acc, partial): combine, in place into `acc`, an
+    arriving accumulator and a partial computed while it was in flight (used when `overlap`).
     """
+    payload_buffers, acc_buffers = [], []
+    for lane in lanes:
+        items = len(lane.payload)
+        likes = [lane.payload_like(q) for q in range(world)]
+        payload_buffers.append([_PingPong([like[item] for like in likes], 2, device) for item in range(items)]
+                               if world > 1 else [])
+        acc_likes = [lane.acc_like(q) for q in range(world)]
+        acc_buffers.append(None if acc_likes[0] is None else
+                           _PingPong(acc_likes, 3 if overlap and world > 1 else 2, device))
     held = [list(lane.payload) for lane in lanes]
     origins = [rank] * len(lanes)
-    outgoing: list = [None] * len(lanes)  # the accumulator each lane sends this step (computed in the last one)
+    current = 0  # the accumulator buffer that holds this step's running sum (the other one is in flight)
     for step in range(world):
         transfers = _Step(group)
-        arriving: list = [None] * len(lanes)
         following: list = [None] * len(lanes)
+        following_origin = [(rank - lane.direction * (step + 1)) % world for lane in lanes]
+        arriving = 1 - current if step >= 1 else current
         for index, lane in enumerate(lanes):
             right, left = (rank + lane.direction) % world, (rank - lane.direction) % world
             tag = 16 * index
-            if step >= 1 and lane.acc_like(origins[index]) is not None:
-                arriving[index] = _empty(lane.acc_like(origins[index]), device)
-                if outgoing[index] is not None:
-                    transfers.send(outgoing[index], right, tag, "acc")
-                transfers.recv(arriving[index], left, tag, "acc")
+            if step >= 1 and acc_buffers[index] is not None:
+                transfers.send(acc_buffers[index].get(current, lane.acc_like((origins[index] + lane.direction)
+                                                                            % world)), right, tag, "acc")
+                transfers.recv(acc_buffers[index].get(arriving, lane.acc_like(origins[index])), left, tag, "acc")
             if step < world - 1:
-                following_origin = (rank - lane.direction * (step + 1)) % world
-                following[index] = [_empty(like, device) for like in lane.payload_like(following_origin)]
+                likes = lane.payload_like(following_origin[index])
+                following[index] = [payload_buffers[index][item].get(step % 2, like)
+                                    for item, like in enumerate(likes)]
                 for item, (tensor, buffer) in enumerate(zip(held[index], following[index])):
                     transfers.send(tensor, right, tag + 1 + item, "payload")
                     transfers.recv(buffer, left, tag + 1 + item, "payload")
         transfers.post()
         if not overlap:
             transfers.wait("acc")
-        for index in range(len(lanes)):
-            if overlap and arriving[index] is not None:
-                partial = visit(index, origins[index], held[index], None)
+        for index, lane in enumerate(lanes):
+            if acc_buffers[index] is None:
+                visit(index, origins[index], held[index], None, True)
+                continue
+            acc = acc_buffers[index].get(arriving, lane.acc_like(origins[index]))
+            if step == 0:
+                visit(index, origins[index], held[index], acc, True)
+            elif overlap:
+                partial = acc_buffers[index].get(2, lane.acc_like(origins[index]))
+                visit(index, origins[index], held[index], partial, True)
                 transfers.wait("acc")
-                outgoing[index] = merge(index, arriving[index], partial)
+                merge(index, acc, partial)
             else:
-                outgoing[index] = visit(index, origins[index], held[index], arriving[index])
+                visit(index, origins[index], held[index], acc, False)
         transfers.wait("acc")
         transfers.wait("payload")
-        for index, lane in enumerate(lanes):
+        current = arriving
+        for index in range(len(lanes)):
             if step < world - 1:
                 held[index] = following[index]
-                origins[index] = (rank - lane.direction * (step + 1)) % world
+                origins[index] = following_origin[index]
+    own: list = [None] * len(lanes)
     if world == 1:
-        return outgoing
+        for index, (lane, buffers) in enumerate(zip(lanes, acc_buffers)):
+            if buffers is not None:
+                own[index] = buffers.get(current, lane.acc_like(rank))
+                if final_out is not None:
+                    own[index] = final_out[index].copy_(own[index])
+        return own
     # the last accumulators go home: each lane's last block belongs to the next rank along the lane
     final = _Step(group)
-    own: list = [None] * len(lanes)
     for index, lane in enumerate(lanes):
-        if lane.acc_like(rank) is None:
+        if acc_buffers[index] is None:
             continue
         right, left = (rank + lane.direction) % world, (rank - lane.direction) % world
-        own[index] = _empty(lane.acc_like(rank), device)
-        if outgoing[index] is not None:
-            final.send(outgoing[index], right, 16 * index, "acc")
+        own[index] = (final_out[index] if final_out is not None else
+                      acc_buffers[index].get(1 - current, lane.acc_like(rank)))
+        final.send(acc_buffers[index].get(current, lane.acc_like(right)), right, 16 * index, "acc")
         final.recv(own[index], left, 16 * index, "acc")
     final.post()
     final.wait("acc")
@@ -152,32 +202,45 @@ def ring_pass(group, rank: int, world: int, lanes: list, visit: Callable, merge:
 
 
 def broadcast_pass(group, rank: int, world: int, own_block: Tensor, block_like: Callable, visit: Callable,
-                   reduce_acc: bool) -> Tensor | None:
-    """Broadcast each rank's block in turn (the next one in flight during the current tile); visit(origin, block)
-    -> acc computes the tile and returns its accumulator, which (reduce_acc) is summed onto the block's owner.
-    Returns the sum of every rank's accumulator of this rank's own block."""
-    def start(origin):
-        block = own_block if origin == rank else _empty(block_like(origin), own_block.device)
+                   acc_like: Callable | None, overlap: bool) -> Tensor | None:
+    """Broadcast each rank's block in turn, the next one in flight during the current tile; visit(origin, block, acc)
+    computes the tile and adds its column statistics to the zeroed `acc` (None without accumulators), which is summed
+    onto the block's owner (dist.reduce, in flight during the next tile when `overlap`). Returns this rank's own
+    block's accumulator, summed over every rank."""
+    device = own_block.device
+    blocks = _PingPong([block_like(q) for q in range(world)], 2, device)
+    accs = None if acc_like is None else _PingPong([acc_like(q) for q in range(world)], 2 if overlap else 1, device)
+    own_acc = None if acc_like is None else accumulator(*acc_like(rank)[0], acc_like(rank)[1], device)
+
+    def start(origin: int, slot: int):
+        block = own_block if origin == rank else blocks.get(slot, block_like(origin))
         if block.numel() == 0:
             return block, None
         return block, dist.broadcast(block, global_rank(group, origin), group=group, async_op=True)
 
-    own_acc = None
     pending_reduce = None
-    current = start(0)
+    current = start(0, 0)
     for origin in range(world):
-        following = start(origin + 1) if origin + 1 < world else None
+        following = start(origin + 1, (origin + 1) % 2) if origin + 1 < world else None
         block, work = current
         if work is not None:
             work.wait()
-        acc = visit(origin, block)
+        acc = None
+        if accs is not None:
+            if origin == rank:
+                acc = own_acc
+            else:
+                if not overlap and pending_reduce is not None:
+                    pending_reduce.wait()  # the single scratch accumulator is free again
+                    pending_reduce = None
+                acc = accs.get(origin % 2 if overlap else 0, acc_like(origin))
+            acc.zero_()
+        visit(origin, block, acc)
         if pending_reduce is not None:
-            pending_reduce.wait()  # at most one reduce in flight: bounded memory
+            pending_reduce.wait()  # at most one reduce in flight
             pending_reduce = None
-        if reduce_acc and acc is not None and acc.numel():
+        if acc is not None and acc.numel():
             pending_reduce = dist.reduce(acc, global_rank(group, origin), group=group, async_op=True)
-        if origin == rank:
-            own_acc = acc
         current = following
     if pending_reduce is not None:
         pending_reduce.wait()

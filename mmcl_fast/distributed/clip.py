@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ops import Extras, _backend_module, _blocked_rowdot, _unit_stride, autocast_off
-from .._problem import Affine
+from .._problem import Affine, accumulator
 from . import _transport
 from ._checks import Layout, as_scalar_tensor, exchange_and_check
 
@@ -59,6 +59,7 @@ class _Call:
     row_target: Tensor         # (n_r,) global caption index of each own image
     own_col_labels: Tensor     # (m_r,) global image index of each own caption
     labels_travel: bool        # captions' labels travel with their block (given text_labels) or follow the layout
+    labels_given: bool         # any labels given: a positive pair may sit in any block (else only in the own one)
     overlap: bool
 
     def col_labels(self, origin: int, payload: list) -> Tensor:
@@ -68,13 +69,15 @@ class _Call:
         return torch.arange(start, start + self.layout.text_sizes[origin], device=self.row_target.device)
 
 
+_DOT_ROWS = 256  # rows per chunk of the positives' gathered dot products: an O(256 * D) temporary, not O(n * D)
+
+
 def _positive_logits(x: Tensor, y: Tensor, index: Tensor, inside: Tensor, scale: Tensor, bias: Tensor,
                      acc: torch.dtype, rows_of_x: bool) -> Tensor:
     """L at (row i, column index_i) (rows_of_x) or (row index_j, column j), 0 where not `inside` this tile."""
-    if rows_of_x:
-        dots = _blocked_rowdot(x, y, index, acc)
-    else:
-        dots = _blocked_rowdot(y, x, index, acc)
+    rows, other = (x, y) if rows_of_x else (y, x)
+    dots = torch.cat([_blocked_rowdot(rows[start:start + _DOT_ROWS], other, index[start:start + _DOT_ROWS], acc)
+                      for start in range(0, rows.shape[0], _DOT_ROWS)])
     return torch.where(inside, scale * dots + bias, torch.zeros((), dtype=acc, device=x.device))
 
 
@@ -102,8 +105,9 @@ class _ClipAcrossRanks(torch.autograd.Function):
         row_pos = torch.zeros(n, dtype=acc, device=device)
         own_start = layout.image_offset(rank)
 
-        def tile(y_k: Tensor, text_start: int, col_labels: Tensor) -> Tensor:
-            """Row LSE / positives merged here; returns the tile's column (LSE partial, positive logit) pairs."""
+        def tile(y_k: Tensor, text_start: int, col_labels: Tensor, with_positives: bool) -> Tensor:
+            """Row LSE / positives merged here; returns the tile's column (LSE partial, positive logit) pairs.
+            with_positives=False: the block holds no positive pair of this rank (diagonal labels, another block)."""
             m_k = y_k.shape[0]
             col_lse, col_pos = (torch.full((m_k,), float("-inf"), dtype=acc, device=device),
                                 torch.zeros(m_k, dtype=acc, device=device))
@@ -112,6 +116,8 @@ class _ClipAcrossRanks(torch.autograd.Function):
                 tile_row_lse, col_lse = call.backend.lse_fwd(problem, True, True)
                 torch.logaddexp(row_lse, tile_row_lse.to(acc), out=row_lse)
                 col_lse = col_lse.to(acc)
+                if not with_positives:
+                    return torch.stack([col_lse, col_pos], 1)
                 index, inside = _local(call.row_target, text_start, m_k)
                 row_pos.add_(_positive_logits(x, y_k, index, inside, scale_0, bias_0, acc, rows_of_x=True))
                 index, inside = _local(col_labels, own_start, n)
@@ -126,9 +132,13 @@ class _ClipAcrossRanks(torch.autograd.Function):
         payload = [y] + ([call.own_col_labels] if call.labels_travel else [])
         gathered = None
         if call.impl == "ring":
-            def visit(lane, origin, held, stats):
-                partial = tile(held[0], layout.text_offset(origin), call.col_labels(origin, held))
-                return partial if stats is None else merge_columns(stats, partial)
+            def visit(lane, origin, held, stats, fresh):
+                partial = tile(held[0], layout.text_offset(origin), call.col_labels(origin, held),
+                               call.labels_given or origin == rank)
+                if fresh:
+                    stats.copy_(partial)
+                else:
+                    merge_columns(stats, partial)
 
             lane = _transport.Lane(+1, payload, lambda q: _payload_like(layout, q, dim, y.dtype, call),
                                    lambda q: ((layout.text_sizes[q], 2), acc))
@@ -138,7 +148,7 @@ class _ClipAcrossRanks(torch.autograd.Function):
         else:
             gathered = [_transport.all_gather_rows(t, layout.text_sizes, call.group) for t in payload]
             all_labels = gathered[1] if call.labels_travel else torch.arange(layout.n_images, device=device)
-            stats = tile(gathered[0], 0, all_labels)
+            stats = tile(gathered[0], 0, all_labels, True)
             own_stats = _merge_column_stats(stats, call.group)[layout.text_offset(rank):layout.text_offset(rank) + m]
         col_lse, col_pos = own_stats[:, 0].contiguous(), own_stats[:, 1].contiguous()
 
@@ -174,19 +184,18 @@ class _ClipAcrossRanks(torch.autograd.Function):
         bias_v = bias.detach().to(acc).expand(n).contiguous()
         grad_row = (g * (0.5 * world / n_all)).expand(n).contiguous()
         own_info = torch.stack([col_lse, (g * (0.5 * world / m_all)).expand(m)], 1)  # column LSE and weight
-        d_image = torch.zeros((n, dim), dtype=acc, device=device)
+        d_image = accumulator(n, dim, acc, device)
         d_scale = torch.zeros((), dtype=acc, device=device)
         d_bias = torch.zeros((), dtype=acc, device=device)
         own_start = layout.image_offset(rank)
         empty = torch.empty(0, dtype=acc, device=device)
         row_const = -(e / m_all) * grad_row if e else empty
 
-        def tile(y_k: Tensor, text_start: int, col_labels: Tensor, info: Tensor, d_text: Tensor | None) -> Tensor:
+        def tile(y_k: Tensor, text_start: int, col_labels: Tensor, info: Tensor, d_text: Tensor) -> None:
+            """dX_r += the tile's image gradient; d_text += its caption gradient (fp32)."""
             m_k = y_k.shape[0]
-            if d_text is None:
-                d_text = torch.zeros((m_k, dim), dtype=acc, device=device)
             if not m_k:
-                return d_text
+                return
             col_lse_k, grad_col = info[:, 0].contiguous(), info[:, 1].contiguous()
             row_index, row_inside = _local(call.row_target, text_start, m_k)
             col_index, col_inside = _local(col_labels, own_start, n)
@@ -195,16 +204,17 @@ class _ClipAcrossRanks(torch.autograd.Function):
                             row_index, torch.where(row_inside, -(1.0 - e) * grad_row, zero).contiguous(),
                             col_index, torch.where(col_inside, -(1.0 - e) * grad_col, zero).contiguous())
             problem = Affine(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
-            _, d_text, tile_dscale, tile_drow, _ = call.backend.lse_bwd(
-                problem, row_lse, col_lse_k, grad_row, grad_col, extras, out=(d_image, d_text))
+            _, _, tile_dscale, tile_drow, _ = call.backend.lse_bwd(
+                problem, row_lse, col_lse_k, grad_row, grad_col, extras, out=(d_image, d_text), in_place=True)
             d_scale.add_(tile_dscale.to(acc).sum())
             d_bias.add_(tile_drow.to(acc).sum())
-            return d_text
 
         payload = [y, own_info] + ([call.own_col_labels] if call.labels_travel else [])
         if call.impl == "ring":
-            def visit(lane, origin, held, d_text):
-                return tile(held[0], layout.text_offset(origin), call.col_labels(origin, held), held[1], d_text)
+            def visit(lane, origin, held, d_text, fresh):
+                if fresh:
+                    d_text.zero_()
+                tile(held[0], layout.text_offset(origin), call.col_labels(origin, held), held[1], d_text)
 
             def payload_like(q):
                 like = _payload_like(layout, q, dim, y.dtype, call)
@@ -218,7 +228,8 @@ class _ClipAcrossRanks(torch.autograd.Function):
             all_info = _transport.all_gather_rows(own_info, layout.text_sizes, call.group)
             all_labels = (_transport.all_gather_rows(call.own_col_labels, layout.text_sizes, call.group)
                           if call.labels_travel else torch.arange(n_all, device=device))
-            d_all = tile(ctx.gathered, 0, all_labels, all_info, None)
+            d_all = accumulator(layout.n_texts, dim, acc, device)
+            tile(ctx.gathered, 0, all_labels, all_info, d_all)
             d_text = _transport.reduce_scatter_rows(d_all, layout.text_sizes, call.group)
         return (d_image.to(image.dtype), d_text.to(text.dtype), d_scale.to(scale.dtype).reshape(ctx.scale_shape),
                 d_bias.to(bias.dtype).reshape(ctx.bias_shape), None)
@@ -310,6 +321,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
                       torch.arange(layout.image_offset(this), layout.image_offset(this) + m, device=device))
     call = _Call(layout, group, _backend_module(checked.backend), impl, acc, float(label_smoothing),
                  row_target.contiguous(), own_col_labels.contiguous(), checked.text_labels is not None,
+                 checked.image_labels is not None or checked.text_labels is not None,
                  _transport.overlap_accumulator(device))
     scale = as_scalar_tensor(checked.logit_scale, image_features)
     bias = as_scalar_tensor(0.0 if checked.logit_bias is None else checked.logit_bias, image_features)

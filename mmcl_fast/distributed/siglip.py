@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._ops import _backend_module, _unit_stride, autocast_off
-from .._problem import Affine
+from .._problem import Affine, accumulator
 from . import _transport
 from ._checks import Layout, as_scalar_tensor, exchange_and_check
 
@@ -61,30 +61,28 @@ class _SiglipAcrossRanks(torch.autograd.Function):
         bias_v = bias.detach().to(acc).expand(n).contiguous()
         own_texts = torch.arange(layout.text_offset(rank), layout.text_offset(rank) + n, device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)
-        d_image = torch.zeros((n, dim), dtype=acc, device=device) if need_grad else None
+        d_image = accumulator(n, dim, acc, device) if need_grad else None
         d_scale = torch.zeros((), dtype=acc, device=device)
         d_bias = torch.zeros((), dtype=acc, device=device)
 
-        def tile(y_k: Tensor, text_start: int, d_text: Tensor | None) -> Tensor | None:
-            """Loss and gradients of (X_r, the texts [text_start, text_start + m_k)); d_text gets the tile's dY."""
+        def tile(y_k: Tensor, text_start: int, d_text: Tensor | None) -> None:
+            """Loss and gradients of (X_r, the texts [text_start, text_start + m_k)); d_text += the tile's dY."""
             m_k = y_k.shape[0]
-            if need_grad and d_text is None:
-                d_text = torch.zeros((m_k, dim), dtype=acc, device=device)
             if not m_k:
-                return d_text
+                return
             local = own_texts - text_start
             positives = torch.where((local >= 0) & (local < m_k), local, -1)[:, None].contiguous()
             problem = Affine(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
             row_loss, grads = call.backend.sigmoid_loss(problem, positives, need_grad,
-                                                        out=(d_image, d_text) if need_grad else None)
+                                                        out=(d_image, d_text) if need_grad else None,
+                                                        in_place=True)
             total.add_(row_loss.to(torch.float64).sum())
             if need_grad:
                 d_scale.add_(grads.dscale.to(acc).sum())
                 d_bias.add_(grads.drow_bias.to(acc).sum())
-            return d_text
 
         def add(lane, d_text, partial):
-            return d_text.add_(partial)
+            d_text.add_(partial)
 
         sizes = layout.text_sizes
         if call.impl in ("bidir", "shift"):
@@ -101,18 +99,24 @@ class _SiglipAcrossRanks(torch.autograd.Function):
                     lambda q, span=span: [((span(q)[1] - span(q)[0], dim), y.dtype)],
                     lambda q, span=span: ((span(q)[1] - span(q)[0], dim), acc) if need_grad else None))
 
-            def visit(lane, origin, held, d_text):
-                return tile(held[0], layout.text_offset(origin) + spans[lane](origin)[0], d_text)
+            def visit(lane, origin, held, d_text, fresh):
+                if fresh and d_text is not None:
+                    d_text.zero_()
+                tile(held[0], layout.text_offset(origin) + spans[lane](origin)[0], d_text)
 
-            own = _transport.ring_pass(call.group, rank, world, lanes, visit, add, device, call.overlap)
-            d_text = (torch.cat(own) if len(own) > 1 else own[0]) if need_grad else None
+            # the own block's halves come home into one (n, D) accumulator
+            d_text = accumulator(n, dim, acc, device) if need_grad else None
+            final = [d_text[slice(*span(rank))] for span in spans] if need_grad else None
+            _transport.ring_pass(call.group, rank, world, lanes, visit, add, device, call.overlap, final)
         elif call.impl == "reduce":
             d_text = _transport.broadcast_pass(
                 call.group, rank, world, y, lambda q: ((sizes[q], dim), y.dtype),
-                lambda origin, block: tile(block, layout.text_offset(origin), None), reduce_acc=need_grad)
+                lambda origin, block, d_block: tile(block, layout.text_offset(origin), d_block),
+                (lambda q: ((sizes[q], dim), acc)) if need_grad else None, call.overlap)
         else:
             all_text = _transport.all_gather_rows(y, sizes, call.group)
-            d_all = tile(all_text, 0, None)
+            d_all = accumulator(layout.n_texts, dim, acc, device) if need_grad else None
+            tile(all_text, 0, d_all)
             del all_text
             d_text = _transport.reduce_scatter_rows(d_all, sizes, call.group) if need_grad else None
 
@@ -120,20 +124,25 @@ class _SiglipAcrossRanks(torch.autograd.Function):
         ctx.scale_shape, ctx.bias_shape = scale.shape, bias.shape
         ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype)
         ctx.group = call.group
-        if need_grad:
-            ctx.save_for_backward(d_image.mul_(weight), d_text.mul_(weight), d_scale.mul_(weight),
-                                  d_bias.mul_(weight))
+        # Kept on ctx, not saved for backward: the backward scales them in place (fp32 features: no copy at all) and
+        # drops them, so the step never holds a second (n, D) pair.
+        ctx.grads = ((d_image.mul_(weight), d_text.mul_(weight), d_scale.mul_(weight), d_bias.mul_(weight))
+                     if need_grad else None)
         return (total * weight).to(acc)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        d_image, d_text, d_scale, d_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("mmcl_fast.distributed.siglip_loss: its backward runs once per forward (the gradients "
+                               "computed in the forward were handed out by the first backward)")
+        d_image, d_text, d_scale, d_bias = ctx.grads
+        ctx.grads = None
         g = grad_loss.detach().to(d_image.dtype)
         _check_same_upstream(g, ctx.group)
         image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
-        return ((g * d_image).to(image_dtype), (g * d_text).to(text_dtype),
-                (g * d_scale).to(scale_dtype).reshape(ctx.scale_shape),
-                (g * d_bias).to(bias_dtype).reshape(ctx.bias_shape), None)
+        return (d_image.mul_(g).to(image_dtype), d_text.mul_(g).to(text_dtype),
+                d_scale.mul_(g).to(scale_dtype).reshape(ctx.scale_shape),
+                d_bias.mul_(g).to(bias_dtype).reshape(ctx.bias_shape), None)
 
 
 def _check_same_upstream(grad: Tensor, group) -> None:

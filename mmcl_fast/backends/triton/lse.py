@@ -601,7 +601,7 @@ def _optional(t, name: str, length: int, device, dtype=torch.float32):
 
 
 def lse_bwd(problem: Affine, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None,
-            grad_dtype=None, out=None):
+            grad_dtype=None, out=None, in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
 
     `extras` (optional, see `_ops.Extras`): row_const, col_const, row_target + row_target_grad,
@@ -651,7 +651,7 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
     return dx, dy, dscale, drow, dcol
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None):
+def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
     """(row_loss (N,), Gradients in fp32 or None) of the sigmoid loss (see `_sigmoid_epilogue`), one fused sweep.
 
     pos_cols: (N, K) int64 positive columns per row (-1 padded). 3 GEMM-equivalents with gradients (the
