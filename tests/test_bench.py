@@ -37,7 +37,8 @@ def run_cli(argv: list[str]) -> int:
 
 def _runnable_impls(loss_name: str) -> list[str]:
     loss = get_loss(loss_name)
-    return [name for name, impl in loss.impls.items() if impl.unavailable(torch.device("cpu"), DIM) is None]
+    return [name for name, impl in loss.impls.items()
+            if impl.unavailable(torch.device("cpu"), DIM) is None and not impl.dist_only]
 
 
 def _bench(tmp_path, loss_name: str, *extra: str) -> dict:
@@ -138,7 +139,11 @@ def test_world_size_skips_impls_without_a_distributed_form(tmp_path):
                     "fp32", "--repeats", "1", "--no-plot", "--quiet", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "no distributed form" in results["machine"]["unavailable_impls"]["clip"]["naive"]
-    assert {r["impl"] for r in results["records"]} == {"mmcl_fast", "open_clip"}
+    records = {r["impl"]: r for r in results["records"]}
+    assert set(records) == {"mmcl_fast", "mmcl_fast_gather", "open_clip"}  # ring, gather, the anchor
+    for name, record in records.items():
+        assert record["status"] == "ok" and record["world_size"] == 2, record
+        assert abs(record["loss_value"] - record["reference_loss"]) <= 1e-5 * abs(record["reference_loss"]), name
 
 
 def _rank_killed(job, rank, world_size, init_method, conn):

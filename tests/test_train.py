@@ -347,6 +347,141 @@ def test_ddp_gloo_matches_single_process_cached_step(tmp_path):
         assert rel_err(mean_loss, loss) <= GRAD_CACHE_RTOL[dtype]
 
 
+def test_chunk_size_per_tower_and_mapping_texts():
+    """Different chunk sizes for the two towers (right-aligned calls) and texts given as a tokenizer-style mapping
+    (input_ids + attention_mask, sliced row-wise) give the plain full-batch step's gradients."""
+    model = tiny_clip(dtype=torch.float64)
+    images, texts = make_batch(N_PAIRS, torch.float64)
+    loss_fn = mmcl_fast.ClipLoss()
+    _, plain_grads, _ = run_with_seed(7, lambda: plain_step(model, images, texts, loss_fn), model)
+    for chunks in ((4, 3), (2, 10), (10, 1)):
+        _, grads, _ = run_with_seed(7, lambda: grad_cached_step(model, images, texts, loss_fn, chunks), model)
+        assert_grads_close(grads, plain_grads, GRAD_CACHE_RTOL[torch.float64], f"chunk sizes {chunks}")
+
+    seen = []
+
+    def text_tower(batch):
+        seen.append(tuple(batch["input_ids"].shape))
+        assert torch.equal(batch["attention_mask"], torch.ones_like(batch["input_ids"]))
+        return model.encode_text(batch["input_ids"], normalize=True)
+
+    mapping = {"input_ids": texts, "attention_mask": torch.ones_like(texts)}
+    encoders = (lambda x: model.encode_image(x, normalize=True), text_tower)
+    _, grads, _ = run_with_seed(7, lambda: grad_cached_step(encoders, images, mapping, loss_fn, (4, 3),
+                                                            logit_scale=model.logit_scale.exp()), model)
+    assert_grads_close(grads, plain_grads, GRAD_CACHE_RTOL[torch.float64], "mapping texts, pair of encoders")
+    assert seen == [(3, 8), (3, 8), (3, 8), (1, 8)] * 2  # 4 text chunks of 3, 3, 3, 1 rows in each pass
+    with pytest.raises(ValueError, match="chunk_size"):
+        grad_cached_step(model, images, texts, loss_fn, (4, 0))
+    with pytest.raises(ValueError, match="texts: a mapping batch"):
+        grad_cached_step(encoders, images, {"input_ids": texts, "attention_mask": texts[:3]}, loss_fn, 2,
+                         logit_scale=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (fully_shard, gloo on CPU, 2 ranks) and FSDP1: the cached step equals the single-process one
+# ---------------------------------------------------------------------------------------------
+
+FSDP_LOCAL, FSDP_CHUNKS = 6, (4, 3)
+
+
+def _full(grad):
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+def _fsdp_worker(rank: int, world: int, work_dir: str, flavour: str) -> None:
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
+        model = tiny_clip(dtype=torch.float32)
+        model.load_state_dict(inputs["state"])
+        if flavour == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh("cpu", (world,))
+            fully_shard(model.visual, mesh=mesh)
+            fully_shard(model.transformer, mesh=mesh)
+            # a 0-d parameter cannot be sharded: open_clip's logit_scale stays replicated (its gradient all-reduced
+            # by hand below, as any parameter FSDP ignores)
+            fully_shard(model, mesh=mesh, ignored_params={model.logit_scale})
+            wrapped = model
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            wrapped = FullyShardedDataParallel(model, use_orig_params=True)
+        rows = slice(rank * FSDP_LOCAL, (rank + 1) * FSDP_LOCAL)
+        loss_fn = mmcl_fast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+        scatters = []
+        counted = getattr(dist, "reduce_scatter_single", None) if flavour == "fsdp2" else None
+        if counted is not None:  # FSDP2's gradient reduction: count it, once per FSDP group per synced backward
+            def counting(*args, **kwargs):
+                scatters.append(1)
+                return counted(*args, **kwargs)
+            dist.reduce_scatter_single = counting
+            plain_step(wrapped, inputs["images"][rows], inputs["texts"][rows], loss_fn)
+            wrapped.zero_grad(set_to_none=True)
+        plain_scatters = len(scatters)
+        scatters.clear()
+        loss = grad_cached_step(wrapped, inputs["images"][rows], inputs["texts"][rows], loss_fn, FSDP_CHUNKS)
+        if counted is not None:
+            dist.reduce_scatter_single = counted
+        grads = {}
+        for name, param in model.named_parameters():
+            grad = _full(param.grad)
+            if flavour == "fsdp2" and name == "logit_scale":
+                grad = grad.clone()
+                dist.all_reduce(grad)
+                grad /= world
+            grads[name.replace("_fsdp_wrapped_module.", "")] = grad
+        if flavour == "fsdp1":
+            with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+                grads = {name.replace("_fsdp_wrapped_module.", ""): p.grad.detach().clone()
+                         for name, p in wrapped.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss, "grads": grads, "scatters": len(scatters), "plain_scatters": plain_scatters},
+                   os.path.join(work_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise
+
+
+def _fsdp_case(tmp_path, flavour: str):
+    torch.manual_seed(3)
+    images, texts = make_batch(2 * FSDP_LOCAL)
+    state = tiny_clip().state_dict()
+    torch.save({"state": state, "images": images, "texts": texts}, tmp_path / "inputs.pt")
+    per_rank = spawn_ranks(_fsdp_worker, 2, tmp_path, (flavour,), timeout=JOIN_TIMEOUT_S)
+    model = tiny_clip()
+    model.load_state_dict(state)
+    loss = grad_cached_step(model, images, texts, mmcl_fast.ClipLoss(), FSDP_CHUNKS)
+    expected = grads_of(model)
+    for rank, result in enumerate(per_rank):
+        assert_grads_close(result["grads"], expected, GRAD_CACHE_RTOL[torch.float32], f"{flavour} rank {rank}")
+        # gradients are reduced once per step (the last chunk's backward), as in an ordinary step
+        assert result["scatters"] == result["plain_scatters"], (result["scatters"], result["plain_scatters"])
+    if flavour == "fsdp2":
+        assert per_rank[0]["plain_scatters"] > 0, "the FSDP2 reduce-scatter was not observed"
+    mean_loss = sum(result["loss"].double() for result in per_rank) / 2
+    assert rel_err(mean_loss, loss) <= GRAD_CACHE_RTOL[torch.float32]
+
+
+def test_fsdp2_gloo_matches_single_process_cached_step(tmp_path):
+    """fully_shard on both towers and the root: the wrapper's forward unshards, set_requires_gradient_sync(False)
+    keeps all chunks but the last from reduce-scattering; per-tower chunk sizes (4 images, 3 texts per call)."""
+    _fsdp_case(tmp_path, "fsdp2")
+
+
+@pytest.mark.gpu
+def test_fsdp1_matches_single_process_cached_step(tmp_path):
+    """FSDP1 (FullyShardedDataParallel) through its forward and no_sync(); FSDP1 needs CUDA, so this runs on GPU
+    machines only (the gloo ranks still hold CPU tensors: FSDP1 moves them)."""
+    _fsdp_case(tmp_path, "fsdp1")
+
+
 # ---------------------------------------------------------------------------------------------
 # memory: at a fixed chunk, a bigger batch costs only the O(N·D) feature and gradient buffers
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class Impl:
         mean over ranks is the global loss. None: the impl has no distributed form.
     dist_unavailable() -> None, or the reason this build cannot run the distributed form (checked with
         world size > 1 only).
+    dist_only: a variant that differs from another impl only across ranks (e.g. how blocks are exchanged): run with
+        world size > 1 only.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Impl:
     dense: bool
     make_dist_step: Callable[[dict, dict, dict], Step] | None = None
     dist_unavailable: Callable[[], str | None] | None = None
+    dist_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,9 @@ def impls_for(config: BenchConfig, loss_name: str) -> tuple[list[str], dict[str,
     probe_dim = 256
     unavailable = {name: reason for name in wanted
                    if (reason := loss.impls[name].unavailable(device, probe_dim)) is not None}
+    if config.world_size == 1:
+        unavailable.update({name: "a distributed variant (--world-size > 1)" for name in wanted
+                            if loss.impls[name].dist_only and name not in unavailable})
     if config.world_size > 1:
         for name in wanted:
             impl = loss.impls[name]

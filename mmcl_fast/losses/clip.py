@@ -55,11 +55,15 @@ class ClipLoss(nn.Module):
 
     Same constructor and forward signature. With world_size == 1 the result equals open_clip's loss (to float
     rounding) without the N x N logits. With world_size > 1 the cross-rank path of `mmcl_fast.distributed`
-    computes the exact global loss (see its docstring for the DDP gradient semantics).
+    computes the exact global loss (see its docstring for the DDP gradient semantics); gather_with_grad is accepted
+    and irrelevant (every cross-rank gradient is exact). Extra keywords: dist_impl ("ring", the default: per-rank
+    memory independent of the world size; or "gather"), equal_batches (promise equal local batches: the ranks'
+    sizes and configuration are checked once instead of on every call) and backend.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, backend: str = "auto"):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, backend: str = "auto",
+                 dist_impl: str | None = None, equal_batches: bool = False):
         super().__init__()
         if use_horovod:
             raise NotImplementedError("use_horovod=True is not supported; use torch.distributed")
@@ -73,14 +77,20 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
         self.backend = backend
+        from ..distributed import CLIP_DIST_IMPLS
+        if dist_impl is not None and dist_impl not in CLIP_DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {CLIP_DIST_IMPLS} (or None for the default), got {dist_impl!r}")
+        self.dist_impl = dist_impl
+        self.equal_batches = equal_batches
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
                 output_dict: bool = False):
         if self.world_size > 1:
             from .. import distributed
             loss = distributed.clip_loss(image_features, text_features, logit_scale, logit_bias,
-                                         local_loss=self.local_loss, rank=self.rank, world_size=self.world_size,
-                                         backend=self.backend)
+                                         local_loss=self.local_loss, dist_impl=self.dist_impl,
+                                         equal_batches=self.equal_batches, rank=self.rank,
+                                         world_size=self.world_size, backend=self.backend)
         else:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -100,11 +100,13 @@ class SigLipLoss(nn.Module):
     rounding) without the N x N logits. With world_size > 1 every rank passes its local batch; the text blocks of the
     other ranks reach it by the `dist_impl` open_clip names ("bidir", "shift": a ring of neighbour exchanges;
     "reduce": per-rank broadcasts; "gather": one all-gather), and each block is one fused sweep. See
-    `mmcl_fast.distributed.siglip_loss` for the loss and gradient semantics under DDP.
+    `mmcl_fast.distributed.siglip_loss` for the loss and gradient semantics under DDP. Every mode computes all
+    gradients in its one forward sweep and returns the text gradients to their owners in fp32; per-rank memory is
+    independent of the world size except with "gather". equal_batches: as in `ClipLoss`.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", equal_batches: bool = False):
         super().__init__()
         from ..distributed import SIGLIP_DIST_IMPLS
         if world_size < 1 or not 0 <= rank < world_size:
@@ -118,13 +120,14 @@ class SigLipLoss(nn.Module):
         self.world_size = world_size
         self.dist_impl = dist_impl
         self.backend = backend
+        self.equal_batches = equal_batches
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, output_dict: bool = False):
         if self.world_size > 1:
             from .. import distributed
             loss = distributed.siglip_loss(image_features, text_features, logit_scale, logit_bias,
-                                           dist_impl=self.dist_impl, rank=self.rank, world_size=self.world_size,
-                                           backend=self.backend)
+                                           dist_impl=self.dist_impl, equal_batches=self.equal_batches,
+                                           rank=self.rank, world_size=self.world_size, backend=self.backend)
         else:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -4,7 +4,8 @@
 
 Impls: mmcl_fast.clip_loss (fused streamed LSE), open_clip ClipLoss (the anchor, dense N x N logits), a naive
 dense loss written with `cross_entropy`, and Inf-CL on CUDA. Distributed form (world size > 1):
-``ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)`` on both sides, ``(loss / W).backward()``.
+``ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)`` on both sides, ``(loss / W).backward()``;
+mmcl_fast with its default ring and, as `mmcl_fast_gather`, with dist_impl="gather".
 """
 from __future__ import annotations
 
@@ -51,10 +52,15 @@ def _mmcl_fast_step(inputs: dict, params: dict, options: dict):
     return _stepper(lambda image, text, scale: clip_loss(image, text, scale, backend=backend), inputs, params)
 
 
-def _mmcl_fast_dist_step(inputs: dict, params: dict, options: dict):
+def _mmcl_fast_dist_step(inputs: dict, params: dict, options: dict, dist_impl: str = "ring"):
     from ...losses.clip import ClipLoss
-    module = ClipLoss(local_loss=True, gather_with_grad=True, rank=options["rank"], world_size=options["world_size"])
+    module = ClipLoss(local_loss=True, gather_with_grad=True, rank=options["rank"], world_size=options["world_size"],
+                      dist_impl=dist_impl)
     return _dist_stepper(module, inputs, params, options["world_size"])
+
+
+def _mmcl_fast_gather_dist_step(inputs: dict, params: dict, options: dict):
+    return _mmcl_fast_dist_step(inputs, params, options, dist_impl="gather")
 
 
 def _mmcl_fast_bytes(n: int, m: int, d: int, dtype: torch.dtype) -> int:
@@ -127,9 +133,12 @@ CLIP = register_loss(LossBench(
     reference=_reference,
     flops=_flops,
     impls={
-        "mmcl_fast": Impl("mmcl_fast", "mmcl_fast.clip_loss (fused streamed LSE, never N x N)",
+        "mmcl_fast": Impl("mmcl_fast", "mmcl_fast.clip_loss (fused streamed LSE, never N x N; ring across ranks)",
                           _mmcl_fast_step, _mmcl_fast_bytes, mmcl_fast_unavailable, dense=False,
                           make_dist_step=_mmcl_fast_dist_step),
+        "mmcl_fast_gather": Impl("mmcl_fast_gather", "mmcl_fast ClipLoss(dist_impl='gather'): all-gathered captions",
+                                 _mmcl_fast_step, _mmcl_fast_bytes, mmcl_fast_unavailable, dense=False,
+                                 make_dist_step=_mmcl_fast_gather_dist_step, dist_only=True),
         "open_clip": Impl("open_clip", "open_clip.loss.ClipLoss (dense N x N logits)",
                           _open_clip_step, _dense_bytes, needs_module("open_clip"), dense=True,
                           make_dist_step=_open_clip_dist_step),

@@ -69,11 +69,16 @@ def _mmcl_fast_step(inputs: dict, params: dict, options: dict):
                     inputs, params)
 
 
-def _mmcl_fast_dist_step(inputs: dict, params: dict, options: dict):
+def _mmcl_fast_dist_step(inputs: dict, params: dict, options: dict, dist_impl: str | None = None):
     import mmcl_fast
     world = options["world_size"]
-    module = mmcl_fast.SigLipLoss(rank=options["rank"], world_size=world, dist_impl=options.get("dist_impl"))
+    module = mmcl_fast.SigLipLoss(rank=options["rank"], world_size=world,
+                                  dist_impl=dist_impl or options.get("dist_impl"))
     return _stepper(module, inputs, params, grad_divisor=world)
+
+
+def _mmcl_fast_gather_dist_step(inputs: dict, params: dict, options: dict):
+    return _mmcl_fast_dist_step(inputs, params, options, dist_impl="gather")
 
 
 def _mmcl_fast_dist_unavailable() -> str | None:
@@ -168,6 +173,10 @@ SIGLIP = register_loss(LossBench(
         "mmcl_fast": Impl("mmcl_fast", "mmcl_fast.siglip_loss (fused forward+backward sweep, never N x N)",
                           _mmcl_fast_step, _mmcl_fast_bytes, mmcl_fast_api_unavailable("siglip_loss"), dense=False,
                           make_dist_step=_mmcl_fast_dist_step, dist_unavailable=_mmcl_fast_dist_unavailable),
+        "mmcl_fast_gather": Impl("mmcl_fast_gather", "mmcl_fast SigLipLoss(dist_impl='gather'): all-gathered texts",
+                                 _mmcl_fast_step, _mmcl_fast_bytes, mmcl_fast_api_unavailable("siglip_loss"),
+                                 dense=False, make_dist_step=_mmcl_fast_gather_dist_step,
+                                 dist_unavailable=_mmcl_fast_dist_unavailable, dist_only=True),
         "open_clip": Impl("open_clip", "open_clip.loss.SigLipLoss (dense N x N logits)",
                           _open_clip_step, _open_clip_bytes, _open_clip_unavailable, dense=True,
                           make_dist_step=_open_clip_dist_step),
