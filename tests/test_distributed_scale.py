@@ -127,25 +127,28 @@ def _check(ref: dict, per_rank: list, image_sizes, text_sizes, dtype, what: str,
 def _run(loss_fn, image, text, scale, bias, world) -> dict:
     image, text = image.clone().requires_grad_(), text.clone().requires_grad_()
     param_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    s = torch.tensor(scale, dtype=param_dtype, requires_grad=True)
-    b = torch.tensor(bias, dtype=param_dtype, requires_grad=True)
+    s = torch.tensor(scale, dtype=param_dtype, device=image.device, requires_grad=True)
+    b = torch.tensor(bias, dtype=param_dtype, device=image.device, requires_grad=True)
     try:
         loss = loss_fn(image, text, s, b)
         (loss / world).backward()
     except Exception:
         return {"error": traceback.format_exc()}
-    return {"loss": loss.detach(), "d_image": image.grad, "d_text": text.grad, "d_scale": s.grad, "d_bias": b.grad}
+    return {key: value.detach().cpu() for key, value in (("loss", loss), ("d_image", image.grad),
+                                                          ("d_text", text.grad), ("d_scale", s.grad),
+                                                          ("d_bias", b.grad))}
 
 
-def _scenario_exact(rank, world, data, dtypes=(torch.float32, torch.float64)) -> dict:
+def _scenario_exact(rank, world, data, dtypes=(torch.float32, torch.float64), device="cpu") -> dict:
     from mmcl_fast import distributed as mdist
     from mmcl_fast.distributed import _transport
     out = {}
     rows = _rows(SIZES[world], rank)
+    policy = dict(_transport.OVERLAP_ACCUMULATOR)
     for dtype in dtypes:
-        image, text = data["image"][rows].to(dtype), data["text"][rows].to(dtype)
+        image, text = data["image"][rows].to(device, dtype), data["text"][rows].to(device, dtype)
         for overlap in (False, True):  # the CPU policy (accumulator received, then added in place) and the GPU one
-            _transport.OVERLAP_ACCUMULATOR["cpu"] = overlap
+            _transport.OVERLAP_ACCUMULATOR[torch.device(device).type] = overlap
             for impl in CLIP_IMPLS:
                 out["clip", impl, str(dtype), overlap] = _run(
                     lambda x, y, s, b, impl=impl: mdist.clip_loss(x, y, s, b, local_loss=True, dist_impl=impl),
@@ -154,7 +157,7 @@ def _scenario_exact(rank, world, data, dtypes=(torch.float32, torch.float64)) ->
                 out["siglip", impl, str(dtype), overlap] = _run(
                     lambda x, y, s, b, impl=impl: mdist.siglip_loss(x, y, s, b, dist_impl=impl),
                     image, text, data["scale"], data["bias"], world)
-        _transport.OVERLAP_ACCUMULATOR["cpu"] = False
+    _transport.OVERLAP_ACCUMULATOR.update(policy)
     return out
 
 
@@ -273,16 +276,40 @@ def _scenario_memory(rank, world, data) -> dict:
     return out
 
 
-_SCENARIOS = {"exact": _scenario_exact, "labels": _scenario_labels, "mismatch": _scenario_mismatch,
+def _scenario_cuda(rank, world, data) -> dict:
+    """NCCL, one GPU per rank: every mode exact (fp32, bf16), and with equal_batches=True the steady state runs with
+    torch.cuda.set_sync_debug_mode("error"): no host synchronisation anywhere in forward or backward."""
+    from mmcl_fast import distributed as mdist
+    out = {"exact": _scenario_exact(rank, world, data, dtypes=(torch.float32, torch.bfloat16), device="cuda")}
+    n = 4
+    image = data["image"][rank * n:(rank + 1) * n].float().cuda()
+    text = data["text"][rank * n:(rank + 1) * n].float().cuda()
+    calls = {"clip": lambda x, y, s, b: mdist.clip_loss(x, y, s, b, equal_batches=True),
+             "siglip": lambda x, y, s, b: mdist.siglip_loss(x, y, s, b, equal_batches=True)}
+    for name, call in calls.items():
+        first = _run(call, image, text, data["scale"], data["bias"], world)  # the one checking exchange
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out["nosync", name] = _run(call, image, text, data["scale"], data["bias"], world)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out["first", name] = first
+    return out
+
+
+_SCENARIOS = {"exact": _scenario_exact, "cuda": _scenario_cuda, "labels": _scenario_labels, "mismatch": _scenario_mismatch,
               "equal_batches": _scenario_equal_batches, "memory": _scenario_memory,
               "bf16": lambda rank, world, data: _scenario_exact(rank, world, data, dtypes=(torch.bfloat16,))}
 
 
-def _worker(rank: int, world: int, work_dir: str, blocks: list) -> None:
+def _worker(rank: int, world: int, work_dir: str, blocks: list, backend: str = "gloo") -> None:
     import torch.distributed as dist
     try:
         torch.set_num_threads(1)  # W processes share this machine's cores
-        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=120))
         data = torch.load(os.path.join(work_dir, "inputs.pt"))
         results = {}
@@ -455,3 +482,36 @@ def test_per_rank_memory_is_independent_of_world_size(tmp_path_factory):
         at_2, at_4 = peaks[2, case], peaks[4, case]
         assert at_4 <= 1.25 * at_2 + 1.0 and at_4 <= 8.0, (
             f"{case}: worst-rank peak growth {at_2:.2f} U at W=2, {at_4:.2f} U at W=4")
+
+
+@pytest.mark.gpu
+def test_nccl_every_mode_and_no_host_sync(tmp_path):
+    """One rank per visible GPU (W = 1 on a single-GPU machine): every mode against float64 on NCCL (fp32 and bf16,
+    both accumulator policies), and the equal_batches steady state free of host synchronisation."""
+    world = torch.cuda.device_count()
+    sizes = SIZES.get(world) or tuple(3 + (q % 3) for q in range(world))
+    SIZES.setdefault(world, sizes)
+    data = _inputs(world) if world in (2, 3, 4, 8) else {
+        **_inputs(2), "image": _features(sum(sizes), torch.Generator().manual_seed(5)),
+        "text": _features(sum(sizes), torch.Generator().manual_seed(6))}
+    torch.save(data, tmp_path / "inputs.pt")
+    per_rank = spawn_ranks(_worker, world, tmp_path, (["cuda"], "nccl"), timeout=600)
+    results = _block(per_rank, "cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        image, text = data["image"].to(dtype), data["text"].to(dtype)
+        refs = {"clip": _clip_reference(image, text, data["scale"], data["bias"]),
+                "siglip": _siglip_reference(image, text, data["scale"], data["bias"])}
+        for kind, impls in (("clip", CLIP_IMPLS), ("siglip", SIGLIP_IMPLS)):
+            for impl in impls:
+                for overlap in (False, True):
+                    _check(refs[kind], [r["exact"][kind, impl, str(dtype), overlap] for r in results], sizes, sizes,
+                           dtype, f"nccl {kind} {impl} {dtype} overlap={overlap}")
+    n = 4
+    ref = {"clip": _clip_reference(data["image"][:world * n].float(), data["text"][:world * n].float(),
+                                   data["scale"], data["bias"]),
+           "siglip": _siglip_reference(data["image"][:world * n].float(), data["text"][:world * n].float(),
+                                       data["scale"], data["bias"])}
+    for name in ("clip", "siglip"):
+        for phase in ("first", "nosync"):
+            _check(ref[name], [r[phase, name] for r in results], (n,) * world, (n,) * world, torch.float32,
+                   f"nccl {name} equal_batches {phase}")
