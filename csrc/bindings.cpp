@@ -121,7 +121,8 @@ struct Gradients {
 void check_in_place(const Gradients& out, const AffineProblem& pr, int64_t feature_block) {
     const int64_t stride = (pr.x.cols + feature_block - 1) / feature_block * feature_block;
     auto check = [&](const Matrix& acc, const char* name, int64_t rows) {
-        if (acc.dtype != kF32 || acc.cols != pr.x.cols || acc.row_stride != stride || acc.rows < rows + mmcl::kSpareRows)
+        if (acc.dtype != kF32 || acc.cols != pr.x.cols || acc.row_stride != stride ||
+            acc.rows < rows + mmcl::kSpareRows)
             fail(std::string(name) + ": an in-place accumulator must be float32 with " + std::to_string(pr.x.cols) +
                  " columns, row stride " + std::to_string(stride) + " and at least " +
                  std::to_string(rows + mmcl::kSpareRows) + " rows of capacity, got (" + std::to_string(acc.rows) +

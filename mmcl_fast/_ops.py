@@ -16,8 +16,9 @@ loss modules. This file holds the custom ops (eager, fake/meta kernels, autograd
 the backends: `reference` (dense torch, ground truth), `torch` (blocked plain-torch, any device), `cpu` (compiled
 C++ kernel), `triton` (GPU, or the Triton interpreter on CPU tensors when TRITON_INTERPRET=1).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` in this module: torch.library.custom_op infers each op's schema from the
+# annotations of its function, and torch 2.4 does not resolve string annotations ("Parameter x has unsupported type
+# Tensor"). Every annotation here must therefore be a real object at definition time (Python >= 3.10: `X | None`).
 import contextlib
 import functools
 import os
@@ -104,6 +105,20 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
+def _first_tensor_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device of the first tensor among the positional, then the keyword arguments (None if there is none).
+
+    Plain loops, no `next(generator, default)`: torch.compile(fullgraph=True) of torch < 2.9 cannot trace a
+    generator expression passed to `next` (a graph break)."""
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+    for a in kwargs.values():
+        if isinstance(a, Tensor):
+            return a.device
+    return None
+
+
 def autocast_off(fn):
     """Run a loss with autocast disabled on its features' device.
 
@@ -113,7 +128,7 @@ def autocast_off(fn):
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        device = _first_tensor_device(args, kwargs)
         if device is None:
             return fn(*args, **kwargs)
         with _no_autocast(device):

@@ -6,7 +6,10 @@ the test with the traceback / rank numbers instead of blocking the session.
 """
 from __future__ import annotations
 
+import datetime
 import multiprocessing
+import os
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,3 +35,25 @@ def spawn_ranks(target, world: int, work_dir, args: tuple = (), timeout: float =
     assert not hung, f"rank(s) {hung} did not finish within {timeout} s (collective hang?)"
     assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
     return [torch.load(work_dir / f"rank{rank}.pt") for rank in range(world)]
+
+
+def run_rank(rank: int, world: int, work_dir, body, *, backend: str = "gloo", timeout_s: float = 120.0,
+             threads: int = 1) -> None:
+    """What a spawned rank does around its test body: join the process group (FileStore rendezvous in work_dir),
+    save ``body()``'s results as rank{rank}.pt, leave the group together; on any failure write rank{rank}.err
+    (the traceback that `spawn_ranks` reports) and re-raise."""
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(threads)  # W processes share this machine's cores
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        results = body()
+        torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise

@@ -10,7 +10,6 @@ gradients summed over ranks == dL/ds, dL/db.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import traceback
 import zlib
@@ -19,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gloo import spawn_ranks
+from gloo import run_rank, spawn_ranks
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 DIM = 13
@@ -46,14 +45,9 @@ def _worker(rank: int, world: int, work_dir: str, options: dict) -> None:
     A block that raises records its traceback and the next block runs: one failing backend does not hide the
     results of the others.
     """
-    import torch.distributed as dist
-    try:
-        torch.set_num_threads(1)  # W processes share this machine's cores
-        device = options.get("device", "cpu")
-        if device == "cuda":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(options.get("dist_backend", "gloo"), init_method=f"file://{work_dir}/rendezvous",
-                                rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    device = options.get("device", "cpu")
+
+    def body():
         cases = torch.load(os.path.join(work_dir, "cases.pt"))
         results = {}
         for block in options["blocks"]:
@@ -62,13 +56,8 @@ def _worker(rank: int, world: int, work_dir: str, options: dict) -> None:
                 results[block] = _SCENARIOS[scenario](rank, world, cases, backend, device)
             except Exception:
                 results[block] = {"error": traceback.format_exc()}
-        torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
+        return results
+    run_rank(rank, world, work_dir, body, backend=options.get("dist_backend", "gloo"), timeout_s=60)
 
 
 def _run_group(world: int, work_dir, cases: dict, options: dict) -> list[dict]:

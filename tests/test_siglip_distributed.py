@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gloo import spawn_ranks  # noqa: E402
+from gloo import run_rank, spawn_ranks  # noqa: E402
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402
 
 DIM = 11
@@ -35,11 +35,7 @@ def _cases(world: int) -> list[tuple]:
 
 
 def _worker(rank: int, world: int, work_dir: str) -> None:
-    import torch.distributed as dist
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=90))
+    def body():
         import mmcl_fast
         inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
         results = {}
@@ -66,13 +62,8 @@ def _worker(rank: int, world: int, work_dir: str) -> None:
                 results[key] = out
             except Exception:
                 results[key] = {"error": traceback.format_exc()}
-        torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
+        return results
+    run_rank(rank, world, work_dir, body, timeout_s=90)
 
 
 _GROUPS: dict = {}

@@ -23,7 +23,7 @@ import torch
 import mmcl_fast
 from mmcl_fast.train import grad_cached_step
 from mmcl_fast.train import cached as cached_module
-from gloo import spawn_ranks
+from gloo import run_rank, spawn_ranks
 from tolerances import rel_err
 
 open_clip = pytest.importorskip("open_clip")
@@ -286,13 +286,9 @@ def _clip_loss(kind: str, rank: int = 0, world: int = 1):
 
 
 def _ddp_worker(rank: int, world: int, work_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+    def body():
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
         inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
         results = {}
         for name, (dtype, kind, _) in DDP_CASES.items():
@@ -316,13 +312,8 @@ def _ddp_worker(rank: int, world: int, work_dir: str) -> None:
             loss = grad_cached_step(ddp, images, texts, loss_fn, DDP_CHUNK)
             results[name] = {"loss": loss, "grads": grads_of(model), "reductions": len(reductions),
                              "plain_reductions": plain_reductions}
-        torch.save(results, os.path.join(work_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
+        return results
+    run_rank(rank, world, work_dir, body, timeout_s=60)
 
 
 def test_ddp_gloo_matches_single_process_cached_step(tmp_path):
@@ -391,10 +382,8 @@ def _full(grad):
 
 def _fsdp_worker(rank: int, world: int, work_dir: str, flavour: str) -> None:
     import torch.distributed as dist
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{work_dir}/rendezvous", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+
+    def body():
         inputs = torch.load(os.path.join(work_dir, "inputs.pt"))
         model = tiny_clip(dtype=torch.float32)
         model.load_state_dict(inputs["state"])
@@ -439,14 +428,8 @@ def _fsdp_worker(rank: int, world: int, work_dir: str, flavour: str) -> None:
             with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
                 grads = {name.replace("_fsdp_wrapped_module.", ""): p.grad.detach().clone()
                          for name, p in wrapped.named_parameters() if p.grad is not None}
-        torch.save({"loss": loss, "grads": grads, "scatters": len(scatters), "plain_scatters": plain_scatters},
-                   os.path.join(work_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(work_dir, f"rank{rank}.err"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
+        return {"loss": loss, "grads": grads, "scatters": len(scatters), "plain_scatters": plain_scatters}
+    run_rank(rank, world, work_dir, body, timeout_s=60)
 
 
 def _fsdp_case(tmp_path, flavour: str):

@@ -157,7 +157,8 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
         if present(extras.col_target) and present(extras.col_target_grad):
             folded.update(col_target=extras.col_target, col_target_grad=extras.col_target_grad)
     grad_dtype = torch.float32 if out is not None else (grad_dtype or x.dtype)
-    dx, dy = out if out is not None else (torch.empty(x.shape, dtype=grad_dtype), torch.empty(y.shape, dtype=grad_dtype))
+    dx, dy = out if out is not None else (torch.empty(x.shape, dtype=grad_dtype),
+                                          torch.empty(y.shape, dtype=grad_dtype))
     grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                       torch.empty_like(problem.col_bias))
     in_place = in_place and out is not None and _in_place_ok(out)

@@ -37,6 +37,28 @@ _GRAD_FLAG_NAMES = ("grad mode (torch.is_grad_enabled())", "image_features.requi
                     "text_features.requires_grad", "logit_scale.requires_grad", "logit_bias is not None",
                     "logit_bias.requires_grad")
 _NO_BIAS = -(1 << 63)  # logit_bias field of a rank without a bias (no float64 has these bits)
+
+# What every rank must agree on, in the order checked (the first difference is the error every rank raises):
+# (field, error type, what the message calls it, how a value reads, what to do)
+_AGREEMENT = (
+    ("loss", ValueError, "the loss called", lambda c: _LOSSES[c], "every rank must call the same loss"),
+    ("dist_impl", ValueError, "dist_impl", lambda c: _ALL_IMPLS[c], "every rank must pass the same dist_impl"),
+    ("local_loss", ValueError, "local_loss", bool, "every rank must pass the same local_loss"),
+    ("equal_batches", ValueError, "equal_batches", bool, "every rank must pass the same equal_batches"),
+    ("dim", ValueError, "the feature size D", int, "every rank's image_features and text_features need the same D"),
+    ("dtype", TypeError, "the feature dtype", lambda c: str(DTYPES[c]), "every rank needs the same dtype"),
+    ("device", ValueError, "the feature device type", lambda c: (_DEVICE_TYPES + ("other",))[c],
+     "every rank's features must be on the same kind of device"),
+    ("backend", ValueError, "the resolved backend", lambda c: _BACKENDS[c],
+     "pass the same backend (and install the same build) on every rank"),
+    ("labels", ValueError, "which labels are given", lambda c: ("none", "image_labels", "text_labels", "both")[c],
+     "pass image_labels / text_labels on every rank or on none"),
+    ("label_smoothing", ValueError, "label_smoothing", lambda c: _bits_float(c), "pass the same value on every rank"),
+    ("logit_scale", ValueError, "logit_scale", lambda c: _bits_float(c),
+     "every rank must pass the same value (e.g. a DDP-replicated parameter), or the loss would silently mix scales"),
+    ("logit_bias", ValueError, "logit_bias", lambda c: None if c == _NO_BIAS else _bits_float(c),
+     "every rank must pass the same value"),
+)
 _CACHE_LIMIT = 64
 
 
@@ -240,51 +262,15 @@ def _agree(table: list, rank: int, world: int, what: str, equal_batches: bool) -
     if any(value != world for value in column("world_arg")):
         raise ValueError(f"world_size={column('world_arg')} (per rank) was given but the process group has "
                          f"{world} ranks")
-    if differ("loss"):
-        raise ValueError(f"{what}: the ranks call different losses: {[_LOSSES[c] for c in column('loss')]} on "
-                         f"{ranks}")
-    if differ("dist_impl"):
-        raise ValueError(f"{what}: dist_impl differs across ranks: {[_ALL_IMPLS[c] for c in column('dist_impl')]} "
-                         f"on {ranks}; every rank must pass the same dist_impl")
-    if differ("local_loss"):
-        raise ValueError(f"{what}: local_loss differs across ranks: {[bool(c) for c in column('local_loss')]} on "
-                         f"{ranks}; every rank must pass the same local_loss")
-    if differ("equal_batches"):
-        raise ValueError(f"{what}: equal_batches differs across ranks: {[bool(c) for c in column('equal_batches')]}"
-                         f" on {ranks}")
-    if differ("dim"):
-        raise ValueError(f"the feature size D differs across ranks: {column('dim')} on {ranks}; every rank's "
-                         "image_features and text_features need the same D")
-    if differ("dtype"):
-        raise TypeError(f"the feature dtype differs across ranks: {[str(DTYPES[c]) for c in column('dtype')]} on "
-                        f"{ranks}; every rank needs the same dtype")
-    if differ("device"):
-        names = [(_DEVICE_TYPES + ("other",))[c] for c in column("device")]
-        raise ValueError(f"the feature device type differs across ranks: {names} on {ranks}")
-    if differ("backend"):
-        raise ValueError(f"{what}: the resolved backend differs across ranks: "
-                         f"{[_BACKENDS[c] for c in column('backend')]} on {ranks}; pass the same backend (and "
-                         "install the same build) on every rank")
+    for field, error, label, show, hint in _AGREEMENT:
+        if differ(field):
+            values = [show(code) for code in column(field)]
+            raise error(f"{what}: {label} differs across ranks: {values} on {ranks}; {hint}")
     flags = column("grad_flags")
     if len(set(flags)) > 1:
         differing = [name for bit, name in enumerate(_GRAD_FLAG_NAMES) if len({f >> bit & 1 for f in flags}) > 1]
         raise ValueError(f"ranks disagree on {', '.join(differing)}: the backward's collectives would not match "
                          "(hang), so every rank must pass the same kind of inputs")
-    if differ("labels"):
-        names = [("none", "image_labels", "text_labels", "both")[c] for c in column("labels")]
-        raise ValueError(f"{what}: labels given on some ranks only: {names} on {ranks}; pass image_labels / "
-                         "text_labels on every rank or on none")
-    if differ("label_smoothing"):
-        raise ValueError(f"{what}: label_smoothing differs across ranks: "
-                         f"{[_bits_float(c) for c in column('label_smoothing')]} on {ranks}")
-    if differ("logit_scale"):
-        raise ValueError(f"{what}: logit_scale differs across ranks: "
-                         f"{[_bits_float(c) for c in column('logit_scale')]} on {ranks}; every rank must pass the "
-                         "same value (e.g. a DDP-replicated parameter), or the loss would silently mix scales")
-    if differ("logit_bias"):
-        values = [None if c == _NO_BIAS else _bits_float(c) for c in column("logit_bias")]
-        raise ValueError(f"{what}: logit_bias differs across ranks: {values} on {ranks}; every rank must pass the "
-                         "same value")
     image_sizes, text_sizes = tuple(column("n_image")), tuple(column("n_text"))
     if equal_batches and (len(set(image_sizes)) > 1 or len(set(text_sizes)) > 1):
         raise ValueError(f"{what}: equal_batches=True but the local batch sizes differ: images {list(image_sizes)},"
