@@ -202,6 +202,9 @@ struct TileSweep {
         static_assert(!V::has_amx || (MC % 32 == 0 && NC % 32 == 0 && NR % 32 == 0),
                       "the AMX path needs MC, NC and NR multiples of 32");
         const int64_t row_blocks = (p.n + MC - 1) / MC, col_blocks = (p.m + NC - 1) / NC;
+#ifndef _OPENMP
+        nthreads = 1;  // a build without OpenMP (e.g. macOS without libomp) runs the whole sweep on one thread
+#endif
         threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, std::max(row_blocks, col_blocks))));
         row_groups = split(row_blocks, MC, p.n);
         col_groups = split(col_blocks, NC, p.m);

@@ -41,6 +41,23 @@ def _cpu_kernel_available() -> bool:
     return cpu.available()
 
 
+_warned_cpu_kernel_missing = False
+
+
+def _warn_cpu_kernel_missing() -> None:
+    """Once per process: backend="auto" falls back to the slower torch backend because the compiled core is missing."""
+    global _warned_cpu_kernel_missing
+    if _warned_cpu_kernel_missing:
+        return
+    _warned_cpu_kernel_missing = True
+    import warnings
+
+    from .backends import cpu
+    warnings.warn(f"mmcl_fast: the compiled CPU core mmcl_fast._C does not import ({cpu._IMPORT_ERROR}); "
+                  "backend='auto' uses the slower 'torch' backend on CPU tensors. Reinstall mmcl_fast (pip install "
+                  ".) to build it, or pass backend='torch' to silence this warning", RuntimeWarning, stacklevel=3)
+
+
 def _triton_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("triton") is not None
@@ -59,6 +76,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if dtype in _KERNEL_DTYPES:
             if device.type == "cpu" and _cpu_kernel_available():
                 return "cpu"
+            if device.type == "cpu":
+                _warn_cpu_kernel_missing()
             if device.type == "cuda" and _triton_available():
                 return "triton"
         return "torch"

@@ -14,12 +14,14 @@ SUBCOMMANDS = {
     "train": "mmcl_fast.train.cli",
 }
 # The extra that brings each subcommand's optional dependencies (pyproject.toml); the core needs none of them.
-EXTRAS = {"bench": "bench", "info": "bench", "misalign": "study", "cmcr": "study", "train": "train"}
+EXTRAS = {"bench": "bench", "info": None, "misalign": "study", "cmcr": "study", "train": "train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(
         prog="mmcl-fast", description="Exact, memory-efficient multimodal contrastive losses: benchmarks and studies.")
+    parser.add_argument("--version", action="version", version=f"mmcl-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
         try:

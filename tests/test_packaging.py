@@ -1,9 +1,14 @@
-"""The lean core: `pip install mmcl_fast` needs torch and numpy only, and the losses run without any extra."""
+"""The lean core: `pip install mmcl_fast` needs torch only; the losses, `mmcl-fast info` and `--version` run without
+any extra; one version source; the compiled core's absence is announced, not silent."""
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 EXTRAS_ONLY = ("rich", "matplotlib", "open_clip", "sklearn", "scipy", "triton", "pytest_benchmark")
 
@@ -34,10 +39,13 @@ def test_losses_import_and_run_without_any_extra():
     assert out.stdout.strip() == "ok []"
 
 
-def test_core_dependencies_are_torch_and_numpy():
+def test_core_dependency_is_torch_alone():
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     names = sorted(dep.split(">")[0].split("=")[0].split("<")[0].strip() for dep in project["dependencies"])
-    assert names == ["numpy", "torch"]
+    assert names == ["torch"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    assert (Path(__file__).parents[1] / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert "version" in project["dynamic"] and "version" not in project  # one source: mmcl_fast.__version__
     extras = project["optional-dependencies"]
     assert {"bench", "study", "test"} <= set(extras)
     assert any("open_clip_torch" in dep for dep in extras["bench"])
@@ -51,3 +59,37 @@ def test_cli_names_the_missing_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "pip install 'mmcl_fast[study]'" in out.stderr
+
+
+def test_bare_install_cli_info_and_version():
+    """Without rich / matplotlib / open_clip: `mmcl-fast info` prints plain text, --version and python -m work."""
+    code = _WITHOUT_EXTRAS.split("import torch\n")[0] + textwrap.dedent("""
+        from mmcl_fast.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    info = subprocess.run([sys.executable, "-c", code, "info"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr[-3000:]
+    assert "backends of the streamed-LSE primitive" in info.stdout and "backend='auto' picks" in info.stdout
+    import mmcl_fast
+    for argv in ([sys.executable, "-c", code, "--version"], [sys.executable, "-m", "mmcl_fast", "--version"]):
+        out = subprocess.run(argv, capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == f"mmcl-fast {mmcl_fast.__version__}", out
+
+
+def test_missing_compiled_core_warns_once_and_falls_back():
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["mmcl_fast._C"] = None   # as if the compiled core failed to build or import
+        import torch, mmcl_fast
+        from mmcl_fast._ops import resolve_backend
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            picked = [resolve_backend("auto", torch.device("cpu"), torch.float32) for _ in range(3)]
+            x = torch.randn(5, 4, requires_grad=True)
+            mmcl_fast.clip_loss(x, torch.randn(5, 4), 10.0).backward()
+        messages = [str(w.message) for w in caught if "mmcl_fast._C" in str(w.message)]
+        print(picked, len(messages), messages[0] if messages else "")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("['torch', 'torch', 'torch'] 1 mmcl_fast: the compiled CPU core"), out.stdout

@@ -77,9 +77,34 @@ def collect() -> dict:
     }
 
 
+def print_plain(data: dict) -> None:
+    """The same report as `print_info`, in plain text (a bare install has no rich)."""
+    print("versions")
+    for name, version in data["versions"].items():
+        print(f"  {name}: {version or 'not installed'}")
+    print("machine")
+    print(f"  cpu: {data['cpu']}, {data['cores']} cores, torch threads: {data['torch_threads']}")
+    for dev in data["cuda"] or []:
+        print(f"  cuda:{dev['index']}: {dev['name']} (sm {dev['capability']}, {dev['memory_gib']} GiB)")
+    if not data["cuda"]:
+        print("  cuda: no CUDA device")
+    print("backends of the streamed-LSE primitive")
+    for name, entry in data["backends"].items():
+        print(f"  {name}: {'yes' if entry['available'] else 'no'} - {entry['detail']}")
+    print("backend='auto' picks: " + ", ".join(f"{dev} -> {b}" for dev, b in data["auto_backend"].items()))
+    print("benchmark implementations (mmcl-fast bench; needs pip install 'mmcl_fast[bench]')")
+    for loss, impls in data["bench_impls"].items():
+        for name, per_device in impls.items():
+            print(f"  {loss} {name}: " + ", ".join(f"{dev} {status}" for dev, status in per_device.items()))
+
+
 def print_info(data: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print_plain(data)
+        return
     console = Console()
     versions = Table(title="versions", title_justify="left", show_header=False)
     for name, version in data["versions"].items():
