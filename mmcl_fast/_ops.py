@@ -45,9 +45,10 @@ _warned_cpu_kernel_missing = False
 
 
 def _warn_cpu_kernel_missing() -> None:
-    """Once per process: backend="auto" falls back to the slower torch backend because the compiled core is missing."""
+    """Once per process: backend="auto" falls back to the slower torch backend because the compiled core is missing.
+    Never while torch.compile traces (warnings.warn is a graph break, an error under fullgraph=True)."""
     global _warned_cpu_kernel_missing
-    if _warned_cpu_kernel_missing:
+    if _warned_cpu_kernel_missing or torch.compiler.is_compiling():
         return
     _warned_cpu_kernel_missing = True
     import warnings
@@ -58,16 +59,62 @@ def _warn_cpu_kernel_missing() -> None:
                   ".) to build it, or pass backend='torch' to silence this warning", RuntimeWarning, stacklevel=3)
 
 
-def _triton_available() -> bool:
+# The Triton backend (backends/triton) reads `triton.knobs`, new in triton 3.4 (the release torch 2.8 pins); the
+# triton that torch 2.4-2.7 pin (3.0-3.3) lacks it, and importing the backend would fail with an AttributeError.
+_TRITON_MIN = "3.4"
+
+
+def _probe_triton() -> tuple[bool, str | None]:
+    """(installed, why the Triton backend cannot use it, or None), without importing triton.
+
+    Done once at import: a lookup through importlib is not traceable by torch.compile of torch <= 2.8 (a graph break
+    on CUDA tensors), and the answer does not change within a process."""
     import importlib.util
-    return importlib.util.find_spec("triton") is not None
+    try:
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):
+        return False, None
+    if spec is None:
+        return False, None
+    locations = list(spec.submodule_search_locations or ())
+    if locations and not any(os.path.exists(os.path.join(loc, name)) for loc in locations
+                             for name in ("knobs.py", "knobs")):
+        try:
+            from importlib.metadata import version
+            found = f"triton {version('triton')}"
+        except Exception:  # another distribution name (pytorch-triton, ...) or no metadata
+            found = f"the triton at {locations[0]}"
+        return True, (f"mmcl_fast's Triton backend needs triton >= {_TRITON_MIN} (triton.knobs), found {found} "
+                      f"(torch < 2.8 pins an older triton)")
+    return True, None
+
+
+_TRITON_INSTALLED, _TRITON_UNUSABLE = _probe_triton()
+_warned_triton_unusable = False
+
+
+def _triton_available() -> bool:
+    return _TRITON_INSTALLED and _TRITON_UNUSABLE is None
+
+
+def _warn_triton_unusable() -> None:
+    """Once per process (and never while torch.compile traces): backend="auto" on CUDA tensors falls back to the
+    blocked torch backend because the installed triton is too old for the Triton backend."""
+    global _warned_triton_unusable
+    if _warned_triton_unusable or torch.compiler.is_compiling():
+        return
+    _warned_triton_unusable = True
+    import warnings
+    warnings.warn(f"{_TRITON_UNUSABLE}; backend='auto' uses the slower 'torch' backend on CUDA tensors. Install "
+                  f"triton >= {_TRITON_MIN} (with torch >= 2.8), or pass backend='torch' to silence this warning",
+                  RuntimeWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Pick the concrete backend for tensors on `device` of `dtype`.
 
-    "auto": the compiled kernel of the device (cpu: the C++ core; cuda: Triton) where it exists and supports the
-    dtype, otherwise the blocked `torch` backend (any device, any floating dtype, float64 included), which is
+    "auto": the compiled kernel of the device (cpu: the C++ core; cuda: Triton >= 3.4) where it exists and supports
+    the dtype, otherwise the blocked `torch` backend (any device, any floating dtype, float64 included), which is
     exact and never N x M. "reference" (dense, N x M) is never picked automatically.
     """
     if backend not in BACKENDS:
@@ -80,6 +127,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                 _warn_cpu_kernel_missing()
             if device.type == "cuda" and _triton_available():
                 return "triton"
+            if device.type == "cuda" and _TRITON_UNUSABLE is not None:
+                _warn_triton_unusable()
         return "torch"
     if backend == "cpu":
         if device.type != "cpu":
@@ -93,6 +142,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                 f"got device {device}")
         if dtype not in _KERNEL_DTYPES:
             raise TypeError(f"backend='triton' supports float32/bfloat16/float16 features, got {dtype}")
+        if _TRITON_UNUSABLE is not None:
+            raise ImportError(_TRITON_UNUSABLE)
     return backend
 
 
