@@ -1,4 +1,4 @@
-"""Latent-modality-structure losses (issue 4): a thin caller of the `mmcl-fast bench` harness.
+"""Latent-modality-structure losses: a thin caller of the `mmcl-fast bench` harness.
 
     pytest benchmarks/bench_latent_losses.py --benchmark-only         # time, forward+backward (pytest-benchmark)
     python benchmarks/bench_latent_losses.py --memory [--n 8192]      # peak RSS growth, one fresh process each

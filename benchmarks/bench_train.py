@@ -1,4 +1,4 @@
-"""Largest trainable contrastive batch at a fixed memory budget, and time per sample (issue 12, item 4).
+"""Largest trainable contrastive batch at a fixed memory budget, and time per sample.
 
 Three ways to take one training step of the same open_clip CLIP (mmcl-fast train's tiny model, random init):
 

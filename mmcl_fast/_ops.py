@@ -26,6 +26,7 @@ import os
 import torch
 from torch import Tensor
 
+from ._numerics import accumulation_dtype, batched_dot
 from ._problem import Affine
 
 BACKENDS = ("auto", "reference", "torch", "cpu", "triton")
@@ -221,10 +222,6 @@ def _empty_like_vector(x: Tensor, acc: torch.dtype) -> Tensor:
 _STATS_BLOCK_ROWS = 1 << 16  # rows per block of the O(N*D) statistics: bounds their fp32 temporaries
 
 
-def _batched_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    return torch.bmm(a.to(acc).unsqueeze(1), b.to(acc).unsqueeze(2)).reshape(-1)
-
-
 class _RowDot(torch.autograd.Function):
     """sum_d a[i, d] * b[i, d] in `acc`: a batched dot in the forward, elementwise products in the backward, so that
     no matmul runs in the backward (a backward called inside torch.autocast would run a matmul in bf16)."""
@@ -232,7 +229,7 @@ class _RowDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         ctx.save_for_backward(a, b)
-        return _batched_dot(a, b, acc)
+        return batched_dot(a, b, acc)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -247,7 +244,7 @@ def _rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """sum_d a[i, d] * b[i, d] in `acc` precision, without an (N, D) product temporary (differentiable)."""
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _RowDot.apply(a, b, acc)
-    return _batched_dot(a, b, acc)
+    return batched_dot(a, b, acc)
 
 
 def _blocked_rowdot(a: Tensor, b: Tensor, b_rows: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -430,7 +427,7 @@ def sigmoid_stats(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bia
     positive columns per row, ascending, -1 padded. Gradients are computed in the same sweep when grad mode is on
     and an input requires grad."""
     resolved = resolve_backend(backend, x.device, x.dtype)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     operands = (x, y, scale, row_bias, col_bias)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in operands)
     out = sigmoid_fwd(_unit_stride(x), _unit_stride(y), scale.to(acc).contiguous(), row_bias.to(acc).contiguous(),
@@ -479,7 +476,7 @@ def affine_lse(x: Tensor, y: Tensor, scale=1.0, row_bias=None, col_bias=None, *,
     if not (need_row or need_col):
         raise ValueError("at least one of need_row / need_col must be True")
     resolved = resolve_backend(backend, x.device, x.dtype)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     scale_v = _as_vector(scale, n, "scale", x, acc)
     row_v = _as_vector(row_bias, n, "row_bias", x, acc)
@@ -500,7 +497,7 @@ def softmax_stats(x: Tensor, y: Tensor, scale: Tensor, row_bias: Tensor, col_bia
     col_sum); outputs not asked for are empty.
     """
     resolved = resolve_backend(backend, x.device, x.dtype)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     no_target = torch.empty(0, dtype=torch.int64, device=x.device)
     row_target = no_target if row_target is None else row_target.to(torch.int64).contiguous()
     col_target = no_target if col_target is None else col_target.to(torch.int64).contiguous()

@@ -1,4 +1,4 @@
-"""Under torch.autocast the losses compute in the dtype of the features they are given (issue 15.2): fp32 features
+"""Under torch.autocast the losses compute in the dtype of the features they are given: fp32 features
 give the fp32 result, bf16 features the bf16 result, on every backend of the primitive that runs here."""
 import pytest
 import torch

@@ -8,7 +8,7 @@ from mmcl_fast import GeometricConsistencyLoss, geometric_consistency_loss
 from mmcl_fast.losses import geometry
 
 SIZES = [(1, 1), (2, 3), (7, 5), (33, 17), (130, 64)]
-NEAR_ALIGNED_RTOL = 1e-4  # issue 4 acceptance for the near-aligned case (the loss is ~1e-6 of its terms' size)
+NEAR_ALIGNED_RTOL = 1e-4  # the acceptance bound for the near-aligned case (the loss is ~1e-6 of its terms' size)
 
 
 def _unit(n, d, near=None, noise=1.0):

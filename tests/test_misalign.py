@@ -628,7 +628,7 @@ def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- the paper's pattern
-# Acceptance (issue 14): quick mode, three seeds, both objectives, on settings the preset was not tuned on
+# Acceptance: quick mode, three seeds, both objectives, on settings the preset was not tuned on
 # (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean. "acceptance" is the
 # setting the issue's runs were checked on; "heldout" was chosen before any run of it, after the preset's step
 # count had been set from runs on "acceptance" (README, misalignment study). The 48k-step preset was then set from

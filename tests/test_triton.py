@@ -62,7 +62,7 @@ CLIP_CASES = [
     # forward program merges several row blocks into its column slot
     _clip("chunks-129x65-d37", 129, 65, 37, labels=True, bias=2.0, chunk_mb=0.004, max_splits=2),
     _clip("chunks-65-d20-smooth", 65, 65, 20, smoothing=0.2, chunk_mb=0.003, max_splits=3),
-    # issue 15.1: several row chunks but one column chunk (N >> M): each row chunk's dX must land on its own rows;
+    # several row chunks but one column chunk (N >> M): each row chunk's dX must land on its own rows;
     # and the mirror image (N << M), at several staged-G budgets, fp32 and bf16 (G staged in fp16: 2-byte chunks)
     _clip("chunks-tall-300x20-d16", 300, 20, 16, labels=True, chunk_mb=0.004),
     _clip("chunks-tall-300x20-d16-mb0.02", 300, 20, 16, labels=True, bias=1.0, chunk_mb=0.02),
@@ -614,7 +614,7 @@ def test_tf32_only_when_allowed_gpu():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue 15: autotuning keys, TF32 flags, device guard, the column-partial merge (GPU where it needs one)
+# autotuning keys, TF32 flags, device guard, the column-partial merge (GPU where it needs one)
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_size_class_maps_every_large_size_to_the_tuning_corner():

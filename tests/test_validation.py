@@ -69,3 +69,22 @@ def test_affine_lse_bad_shapes():
         mmcl_fast.affine_lse(feats(), feats(5), 1.0, row_bias=torch.ones(5))
     with pytest.raises(ValueError, match="at least one of need_row / need_col"):
         mmcl_fast.affine_lse(feats(), feats(), need_row=False, need_col=False)
+
+
+def test_docstrings_name_every_backend():
+    """A loss's documented backend list is the registry's: no backend left out of (or invented in) a docstring."""
+    import re
+
+    import mmcl_fast
+    import mmcl_fast.backends
+    from mmcl_fast._ops import BACKENDS
+    functions = [mmcl_fast.clip_loss, mmcl_fast.siglip_loss, mmcl_fast.infonce, mmcl_fast.uniformity_loss,
+                 mmcl_fast.brownian_bridge_loss, mmcl_fast.feature_separation_loss, mmcl_fast.distributed.clip_loss]
+    for function in functions:
+        doc = " ".join(function.__doc__.split())
+        listed = re.search(r"backend: [^.]*?(\"auto\"[^.]*)", doc)
+        assert listed, f"{function.__qualname__}: no backend list in its docstring"
+        names = set(re.findall(r'"(\w+)"', listed.group(1)))
+        assert names >= set(BACKENDS) - {"auto"} and names <= set(BACKENDS), (function.__qualname__, names)
+    package_doc = mmcl_fast.backends.__doc__
+    assert all(name in package_doc for name in BACKENDS if name != "auto")

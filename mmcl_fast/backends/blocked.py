@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype, batched_dot
 from .._problem import Affine, Gradients, add_into
-
-from .._ops import _batched_dot
 
 # Elements of one logits tile; a step holds at most three tile-sized tensors. CPU: 4 MiB in fp32 (cache-friendly,
 # and small next to the inputs); accelerators: 64 MiB, so that each matmul fills the device and few launches
@@ -38,10 +37,6 @@ def tile_elements(device: torch.device) -> int:
 # columns ran 2x faster than 64 x 16384 at N = 16384, D = 512 on 2 Zen 3 cores).
 MAX_BLOCK_COLS = {"cpu": 4096}
 DEFAULT_MAX_BLOCK_COLS = 16384
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _tiles(n: int, m: int, device: torch.device):
@@ -76,7 +71,7 @@ def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int, c
 
 def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
     x, y, scale, row_bias, col_bias = problem
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     row_max = torch.full((n if need_row else 0,), float("-inf"), dtype=acc, device=x.device)
     row_sum = torch.zeros_like(row_max)
@@ -112,7 +107,7 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
     """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype` (default: the features' dtype)."""
     grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     use_row = row_lse.numel() > 0 and grad_row.numel() > 0
     use_col = col_lse.numel() > 0 and grad_col.numel() > 0
@@ -152,7 +147,7 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
             _add_targets(g, row_target[i0:i1], extras.row_target_grad[i0:i1], j0, 1)
         if col_target is not None:
             _add_targets(g, col_target[j0:j1], extras.col_target_grad[j0:j1], i0, 0)
-        dscale[i0:i1] += _batched_dot(g, sim, acc)  # row dots, no tile temporary
+        dscale[i0:i1] += batched_dot(g, sim, acc)  # row dots, no tile temporary
         del sim
         drow[i0:i1] += g.sum(1)
         dcol[j0:j1] += g.sum(0)
@@ -177,7 +172,7 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, i
     in one sweep (3 GEMM-equivalents with gradients, 1 without), at most three tiles alive (S, u = -z L and the
     softplus temporary; G overwrites u)."""
     x, y, scale, row_bias, col_bias = problem
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     row_loss = torch.zeros(n, dtype=acc, device=x.device)
     if need_grad:
@@ -196,7 +191,7 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, i
             continue
         g = u.sigmoid_()  # sigmoid(-z L); G = -z sigmoid(-z L): flip the positives back
         _negate_positives(g, pos_cols, i0, i1, j0, j1)
-        grads.dscale[i0:i1] += _batched_dot(g, sim, acc)
+        grads.dscale[i0:i1] += batched_dot(g, sim, acc)
         del sim
         grads.drow_bias[i0:i1] += g.sum(1)
         grads.dcol_bias[j0:j1] += g.sum(0)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._problem import Affine, Gradients, add_into
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _logits(x, y, scale, row_bias, col_bias):
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     sim = x.to(acc) @ y.to(acc).T
     return sim, scale.to(acc)[:, None] * sim + row_bias.to(acc)[:, None] + col_bias.to(acc)[None, :]
 
@@ -56,7 +53,7 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
             in_place=False):
     grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
     g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras)
     gs = g * scale.to(acc)[:, None]
@@ -78,7 +75,7 @@ def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
 def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
     """Dense sigmoid loss: row sums of softplus(-z L) and (need_grad) the gradients of their total."""
     x, y, scale, row_bias, col_bias = problem
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x.dtype)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
     sign = 1.0 - 2.0 * positive_mask(pos_cols, y.shape[0]).to(acc)  # -z: +1 for negatives, -1 for positives
     u = sign * logits

@@ -1,4 +1,4 @@
-"""A synthetic three-modality world for C-MCR: A, B and C observe one semantic latent (SPEC §4, issue 13).
+"""A synthetic three-modality world for C-MCR: A, B and C observe one semantic latent (SPEC §4).
 
 Each sample has semantics s ∈ R^k shared by all three modalities and one modality-specific latent per modality:
 

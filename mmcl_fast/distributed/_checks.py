@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._ops import resolve_backend
 from .._validate import check_features, check_scalar
 from ._transport import all_gather_into
@@ -105,7 +106,7 @@ def as_scalar_tensor(value, like: Tensor) -> Tensor:
     """A checked scale / bias as a 0-d tensor: the tensor itself, or a float as a tensor of the accumulation dtype."""
     if isinstance(value, Tensor):
         return value
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(like.dtype)
     return torch.tensor(float(value), dtype=acc, device=like.device)
 
 

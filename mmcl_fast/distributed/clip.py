@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._ops import Extras, _backend_module, _blocked_rowdot, _unit_stride, autocast_off
 from .._problem import Affine, accumulator
 from . import _transport
@@ -314,7 +315,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     this = layout.rank
     device = image_features.device
     n, m = image_features.shape[0], text_features.shape[0]
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(image_features.dtype)
     row_target = (checked.image_labels if checked.image_labels is not None else
                   torch.arange(layout.text_offset(this), layout.text_offset(this) + n, device=device))
     own_col_labels = (checked.text_labels if checked.text_labels is not None else

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._ops import _backend_module, _unit_stride, autocast_off
 from .._problem import Affine, accumulator
 from . import _transport
@@ -203,7 +204,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     checked = exchange_and_check(image_features, text_features, logit_scale, logit_bias, loss="siglip",
                                  dist_impl=dist_impl, backend=backend, equal_batches=equal_batches, rank_arg=rank,
                                  world_arg=world_size, group=group)
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(image_features.dtype)
     scale = as_scalar_tensor(checked.logit_scale, image_features)
     bias = as_scalar_tensor(0.0 if checked.logit_bias is None else checked.logit_bias, image_features)
     need_grad = torch.is_grad_enabled() and any(

@@ -32,16 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._numerics import accumulation_dtype
 from .. import _ops
 from .._ops import autocast_off
 from .._validate import check_same_shape, check_scalar
 from .uniformity import squared_norms
 
 BRIDGE_MODES = ("pairwise", "contrastive")
-
-
-def _acc_dtype(features: Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
 def _check_bridge_t(t, n: int, like: Tensor, mode: str):
@@ -120,7 +117,7 @@ def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, augmente
             "contrastive" — mean_i CE(d_i., i) with d_ij = -||z^a_Vi - mu_j(t_i)||^2 / (2 t_i (1 - t_i)) and
             mu_j(t) = t z_Vj + (1 - t) z_Tj (not re-normalised): every augmented point is classified against
             every pair's bridge in the batch (Wang et al. 2022), on the fused LSE kernels, O(N*D) memory.
-        backend: primitive backend for mode="contrastive": "auto" | "reference" | "cpu" | "triton".
+        backend: primitive backend for mode="contrastive": "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         0-d tensor, float32 (float64 for float64 features).
@@ -131,7 +128,7 @@ def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, augmente
         raise ValueError(f"mode must be one of {BRIDGE_MODES}, got {mode!r}")
     n = image_features.shape[0]
     t = _check_bridge_t(t, n, image_features, mode)
-    acc = _acc_dtype(image_features)
+    acc = accumulation_dtype(image_features.dtype)
     if mode == "pairwise":
         return _pairwise_bridge(augmented_image_features, image_features, text_features, t, acc)
     _ops.resolve_backend(backend, image_features.device, acc)  # fail early on a bad backend name

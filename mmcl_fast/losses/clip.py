@@ -26,7 +26,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         text_labels: (M,) index of each caption's image (default: diagonal). With labels N and M may differ,
             e.g. five captions per image.
         label_smoothing: as in `torch.nn.functional.cross_entropy`.
-        backend: "auto" (compiled CPU kernel / Triton on CUDA / reference for float64) or a backend name.
+        backend: "auto" (compiled CPU kernel / Triton on CUDA / blocked torch for float64 and other devices)
+            or a backend name: "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         0-d tensor, float32 for float32/bf16/fp16 features (float64 for float64).

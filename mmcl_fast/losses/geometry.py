@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .._numerics import accumulation_dtype
 from .._ops import autocast_off
 from .._validate import check_same_shape
 
@@ -154,7 +155,7 @@ def geometric_consistency_loss(image_features: Tensor, text_features: Tensor, im
     if image_aug is not None:
         check_same_shape(image_features, "image_features", image_aug, "image_aug")
         check_same_shape(text_features, "text_features", text_aug, "text_aug")
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(image_features.dtype)
     return _GeometricConsistency.apply(image_features, text_features, image_aug, text_aug).to(acc)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .. import _ops
 from .._ops import autocast_off
 from .._validate import check_features, check_labels, check_scalar
@@ -50,7 +51,7 @@ def affine_logits(query: Tensor, keys: Tensor, scale=1.0, row_bias=None, col_bia
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     n, m = query.shape[0], keys.shape[0]
     a = _vector(scale, n, "scale", query, acc)
     r = _vector(row_bias, n, "row_bias", query, acc)
@@ -92,7 +93,7 @@ def infonce(query: Tensor, keys: Tensor, scale=1.0, *, row_bias=None, col_bias=N
         label_smoothing: as in `torch.nn.functional.cross_entropy`.
         reduction: "mean" | "sum" | "none" ("none" returns the per-row losses, and with symmetric=True the
             tuple (row_losses, col_losses)).
-        backend: "auto" | "reference" | "cpu" | "triton".
+        backend: "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns a float32 tensor for float32/bf16/fp16 features (float64 for float64). Memory O((N + M) * D).
     """

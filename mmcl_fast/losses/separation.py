@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._numerics import accumulation_dtype
 from .._ops import _rowdot, autocast_off
 from .._validate import check_same_shape
 from .infonce import infonce
@@ -38,7 +39,7 @@ def feature_separation_loss(image_features: Tensor, text_features: Tensor, image
         temperature: tau of the intra-modal InfoNCE (default 0.07): positive float or 0-d tensor (may need grad).
         t: temperature of the uniformity terms (default 2; the mean runs over all N^2 pairs, see
             `uniformity_loss`).
-        backend: primitive backend: "auto" | "reference" | "cpu" | "triton".
+        backend: primitive backend: "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         0-d tensor, float32 (float64 for float64 features).
@@ -52,7 +53,7 @@ def feature_separation_loss(image_features: Tensor, text_features: Tensor, image
                          f"{image_features.shape[0]} and {text_features.shape[0]}")
     temperature = _check_positive(temperature, "temperature", image_features)
     t = _check_positive(t, "t", image_features)
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(image_features.dtype)
     image_features, text_features, image_indep, text_indep, image_indep_aug, text_indep_aug = (
         z.to(acc) for z in (image_features, text_features, image_indep, text_indep, image_indep_aug, text_indep_aug))
     ortho = (_rowdot(image_features, image_indep, acc).square().mean()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._numerics import accumulation_dtype
 from .._ops import _as_vector, autocast_off, sigmoid_stats
 from .._validate import check_features, check_scalar
 
@@ -75,7 +76,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         logit_bias: float or 0-d tensor (may need grad); None means 0.
         positives: which pairs have z = +1 (see `positive_columns`): None (the diagonal, N == M), (M,) per-text
             image labels, or (P, 2) (image, text) index pairs. N and M may differ with the last two.
-        backend: "auto" (compiled CPU kernel / Triton on CUDA / blocked torch for float64) or a backend name.
+        backend: "auto" (compiled CPU kernel / Triton on CUDA / blocked torch for float64 and other devices)
+            or a backend name: "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         0-d tensor, float32 for float32/bf16/fp16 features (float64 for float64), normalised by N as open_clip's.
@@ -85,7 +87,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     logit_scale = check_scalar(logit_scale, "logit_scale", image_features)
     logit_bias = 0.0 if logit_bias is None else check_scalar(logit_bias, "logit_bias", image_features)
     pos_cols = positive_columns(positives, n, m, image_features.device)
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(image_features.dtype)
     scale = _as_vector(logit_scale, n, "logit_scale", image_features, acc)
     row_bias = _as_vector(logit_bias, n, "logit_bias", image_features, acc)
     col_bias = torch.zeros(m, dtype=acc, device=image_features.device)

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._numerics import accumulation_dtype
 from .. import _ops
 from .._ops import autocast_off
 from .._validate import check_feature, check_scalar
@@ -63,14 +64,14 @@ def uniformity_loss(x: Tensor, t=2.0, *, backend: str = "auto") -> Tensor:
         x: (N, D) features (L2-normalised in the papers; not enforced), any floating dtype (16-bit features are
             computed as float32, see the module docstring).
         t: positive temperature of the Gaussian potential (default 2): float or 0-d tensor (may require grad).
-        backend: primitive backend: "auto" | "reference" | "cpu" | "triton".
+        backend: primitive backend: "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns:
         0-d tensor, float32 (float64 for float64 features). Memory O(N*D), never N x N.
     """
     check_feature(x, "x")
     t = _check_positive(t, "t", x)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     if isinstance(t, Tensor):
         t = t.to(acc)
     features = x.to(acc)

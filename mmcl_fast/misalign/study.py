@@ -59,7 +59,7 @@ class EvalConfig:
 #     40k); cosine decay of the learning rate made the first worse (s9 0.83 at 24k), so it is not the remedy;
 # - batch 1024 and the warm-up: at batch 512, or without the warm-up, some seeds stall with an invariant
 #   semantic unlearned (one output direction spent on a perturbed semantic in one encoder, collapsed in the other).
-# - He ("kaiming") init of the encoders: with the paper code's mixers (the default since issue 14) and PyTorch's
+# - He ("kaiming") init of the encoders: with the paper code's mixers (the default) and PyTorch's
 #   default init, the representation starts tiny (covariance eigenvalues ~1e-4) and grows direction by direction.
 #   On θ = {0..5}, ρ = {4, 5}, seeds 2 and 3, and on θ = {0..9}, ρ = {4, 5}, seed 1 (clip, independent) the
 #   smallest eigenvalue of one encoder's representation covariance was 0.2-0.9 % of its largest after 500 steps
