@@ -81,3 +81,9 @@ def check_labels(labels, name: str, length: int, num_classes: int, like: Tensor)
             torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
                                 f"{name} must lie in [0, {num_classes})")
     return labels.long()
+
+
+def check_rank_world(rank, world_size) -> None:
+    """open_clip's loss-module arguments: 0 <= rank < world_size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")

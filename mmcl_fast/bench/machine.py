@@ -10,12 +10,11 @@ import importlib
 import importlib.metadata
 import os
 import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from .._provenance import git_commit
 from .memory import total_ram_bytes
 
 PACKAGES = ("mmcl_fast", "torch", "triton", "open_clip_torch", "inf_cl", "numpy", "rich", "matplotlib")
@@ -47,21 +46,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout mmcl_fast is imported from (with '-dirty' for local changes), or None."""
-    source_dir = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(source_dir), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(source_dir), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def cpu_kernel_isa() -> str | None:

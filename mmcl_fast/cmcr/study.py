@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import subprocess
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .._provenance import git_commit
 from .. import __version__
 from .._ops import resolve_backend
 from .connector import CMCRConfig, CMCRConnector, FitConfig
@@ -107,14 +106,6 @@ def preset_config(name: str, seed: int = 0, backend: str = "auto", **overrides) 
                        method=CMCRConfig(**preset["method"]), fit=FitConfig(**fit), seed=seed, **data)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 def run_study(cfg: StudyConfig, on_phase: Callable[[str], None] | None = None) -> dict:
     """Run every phase on the CPU (these models are small) and return the results.json document."""
@@ -190,7 +181,7 @@ def run_study(cfg: StudyConfig, on_phase: Callable[[str], None] | None = None) -
                          "after": {name: v["modality_gap"] for name, v in variants.items()}},
         "loss_history": {name: v["loss_history"] for name, v in variants.items()},
         "timing": {**timing, **{f"{name}_s": v["train_s"] for name, v in variants.items()}},
-        "environment": {"mmcl_fast": __version__, "torch": torch.__version__, "commit": _git_commit(),
+        "environment": {"mmcl_fast": __version__, "torch": torch.__version__, "commit": git_commit(short=True),
                         "machine": platform.machine(), "processor": platform.processor() or None,
                         "cpu_count": torch.multiprocessing.cpu_count()},
     }

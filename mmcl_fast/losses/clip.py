@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .._ops import autocast_off
-from .._validate import check_features, check_labels, check_scalar
+from .._validate import check_features, check_labels, check_rank_world, check_scalar
 from .infonce import _infonce_from_affine, affine_logits
 
 
@@ -68,9 +68,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         if use_horovod:
             raise NotImplementedError("use_horovod=True is not supported; use torch.distributed")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
+        check_rank_world(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # accepted for compatibility: labels are never materialised here

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
 from .._ops import _as_vector, autocast_off, sigmoid_stats
-from .._validate import check_features, check_scalar
+from .._validate import check_features, check_rank_world, check_scalar
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -111,9 +111,7 @@ class SigLipLoss(nn.Module):
                  backend: str = "auto", equal_batches: bool = False):
         super().__init__()
         from ..distributed import SIGLIP_DIST_IMPLS
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
+        check_rank_world(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} (or None for 'bidir'), got {dist_impl!r}")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .._provenance import git_commit
 from .. import __version__
 from .._ops import resolve_backend
 from .data import N_SEMANTIC, BiasConfig, LatentModel
@@ -112,14 +111,6 @@ def roles(bias: BiasConfig) -> dict[str, str]:
     out.update({f"s_tilde{j}": "text_value" for j in bias.perturbation})
     return out
 
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def run_seed(bias: BiasConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *, device: str = "cpu",
@@ -274,7 +265,7 @@ def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: Ev
 
 
 def _environment(device: torch.device) -> dict:
-    return {"mmcl_fast": __version__, "torch": torch.__version__, "commit": _git_commit(),
+    return {"mmcl_fast": __version__, "torch": torch.__version__, "commit": git_commit(short=True),
             "machine": platform.machine(), "processor": platform.processor() or None,
             "cpu_count": torch.multiprocessing.cpu_count(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
