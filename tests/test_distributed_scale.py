@@ -198,6 +198,34 @@ def _scenario_labels(rank, world, data) -> dict:
     return out
 
 
+def _scenario_strided(rank, world, data) -> dict:
+    """Features that are views with a row stride wider than D (slices of wider leaves, as a projection head's output
+    split in two would be): the blocks that travel between ranks are made contiguous first."""
+    from mmcl_fast import distributed as mdist
+    rows = _rows(SIZES[world], rank)
+    image, text = data["image"][rows].float(), data["text"][rows].float()
+    out = {}
+    for kind, impls in (("clip", CLIP_IMPLS), ("siglip", SIGLIP_IMPLS)):
+        for impl in impls:
+            wide_image = torch.cat([image, torch.zeros_like(image)], 1).requires_grad_()
+            wide_text = torch.cat([torch.zeros_like(text), text], 1).requires_grad_()
+            x, y = wide_image[:, :DIM], wide_text[:, DIM:]  # row stride 2 D, unit feature stride
+            s = torch.tensor(data["scale"], requires_grad=True)
+            b = torch.tensor(data["bias"], requires_grad=True)
+            try:
+                if kind == "clip":
+                    loss = mdist.clip_loss(x, y, s, b, local_loss=True, dist_impl=impl)
+                else:
+                    loss = mdist.siglip_loss(x, y, s, b, dist_impl=impl)
+                (loss / world).backward()
+            except Exception:
+                out[kind, impl] = {"error": traceback.format_exc()}
+                continue
+            out[kind, impl] = {"loss": loss.detach(), "d_image": wide_image.grad[:, :DIM],
+                               "d_text": wide_text.grad[:, DIM:], "d_scale": s.grad, "d_bias": b.grad}
+    return out
+
+
 def _scenario_mismatch(rank, world, data) -> dict:
     """One rank passes a different configuration: every rank must raise, quickly, and the group stay usable."""
     import torch.distributed as dist
@@ -312,7 +340,7 @@ def _scenario_cuda(rank, world, data) -> dict:
     return out
 
 
-_SCENARIOS = {"exact": _scenario_exact, "cuda": _scenario_cuda, "labels": _scenario_labels, "mismatch": _scenario_mismatch,
+_SCENARIOS = {"exact": _scenario_exact, "cuda": _scenario_cuda, "strided": _scenario_strided, "labels": _scenario_labels, "mismatch": _scenario_mismatch,
               "equal_batches": _scenario_equal_batches, "memory": _scenario_memory,
               "bf16": lambda rank, world, data: _scenario_exact(rank, world, data, dtypes=(torch.bfloat16,))}
 
@@ -330,7 +358,7 @@ def _worker(rank: int, world: int, work_dir: str, blocks: list, backend: str = "
     run_rank(rank, world, work_dir, body, backend=backend)
 
 
-_BLOCKS = {2: ["exact", "labels", "mismatch", "equal_batches", "memory"], 3: ["exact", "labels"],
+_BLOCKS = {2: ["exact", "labels", "mismatch", "equal_batches", "memory"], 3: ["exact", "labels", "strided"],
            4: ["exact", "labels", "mismatch", "memory"], 8: ["bf16"]}
 _GROUPS: dict = {}
 
@@ -437,6 +465,19 @@ def test_mismatched_configuration_raises_on_every_rank(world, tmp_path_factory):
     for rank, result in enumerate(results):
         kind, message = result["upstream"]
         assert kind == "RuntimeError" and "different upstream gradients" in message, f"rank {rank}: {message}"
+
+
+def test_non_contiguous_features(tmp_path_factory):
+    """Views with a wide row stride, and column-major texts, in every mode at W = 3 (fp32, against float64)."""
+    data, per_rank = _group(3, tmp_path_factory)
+    results = _block(per_rank, "strided")
+    image, text = data["image"].float(), data["text"].float()
+    refs = {"clip": _clip_reference(image, text, data["scale"], data["bias"]),
+            "siglip": _siglip_reference(image, text, data["scale"], data["bias"])}
+    for kind, impls in (("clip", CLIP_IMPLS), ("siglip", SIGLIP_IMPLS)):
+        for impl in impls:
+            _check(refs[kind], [r[kind, impl] for r in results], SIZES[3], SIZES[3], torch.float32,
+                   f"strided {kind} {impl}")
 
 
 def test_equal_batches_exchanges_once(tmp_path_factory):

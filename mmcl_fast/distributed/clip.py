@@ -96,7 +96,8 @@ class _ClipAcrossRanks(torch.autograd.Function):
     def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, call: _Call) -> Tensor:
         layout, acc = call.layout, call.acc
         rank, world = layout.rank, layout.world
-        x, y = _unit_stride(image.detach()), _unit_stride(text.detach())
+        # the captions travel between ranks: point-to-point and collective ops need them contiguous
+        x, y = _unit_stride(image.detach()), text.detach().contiguous()
         n, m, dim = x.shape[0], y.shape[0], x.shape[1]
         device = x.device
         scale_v = scale.detach().to(acc).expand(n).contiguous()
@@ -176,7 +177,8 @@ class _ClipAcrossRanks(torch.autograd.Function):
         call = ctx.call
         layout, acc = call.layout, call.acc
         rank, world = layout.rank, layout.world
-        x, y = _unit_stride(image.detach()), _unit_stride(text.detach())
+        # the captions travel between ranks: point-to-point and collective ops need them contiguous
+        x, y = _unit_stride(image.detach()), text.detach().contiguous()
         n, m, dim = x.shape[0], y.shape[0], x.shape[1]
         device = x.device
         e, n_all, m_all = call.smoothing, layout.n_images, layout.n_texts

@@ -55,7 +55,8 @@ class _SiglipAcrossRanks(torch.autograd.Function):
     def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, call: _Call) -> Tensor:
         layout, acc, need_grad = call.layout, call.acc, call.need_grad
         rank, world = layout.rank, layout.world
-        x, y = _unit_stride(image.detach()), _unit_stride(text.detach())
+        # the captions travel between ranks: point-to-point and collective ops need them contiguous
+        x, y = _unit_stride(image.detach()), text.detach().contiguous()
         n, dim = x.shape
         device = x.device
         scale_v = scale.detach().to(acc).expand(n).contiguous()
