@@ -59,8 +59,9 @@ def check_scalar(value, name: str, like: Tensor, *, allow_vector_of: int | None 
     return value.reshape(())
 
 
-def check_labels(labels, name: str, length: int, num_classes: int, like: Tensor) -> Tensor:
-    """Integer class indices, shape (length,), each in [0, num_classes)."""
+def check_labels(labels, name: str, length: int, num_classes: int | None, like: Tensor) -> Tensor:
+    """Integer class indices, shape (length,), each in [0, num_classes) (num_classes None: the range is checked by
+    the caller, e.g. against the global batch across ranks)."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -69,7 +70,7 @@ def check_labels(labels, name: str, length: int, num_classes: int, like: Tensor)
         raise ValueError(f"{name} must have shape ({length},), got {tuple(labels.shape)}")
     if labels.device != like.device:
         raise ValueError(f"{name} is on {labels.device} but the features are on {like.device}")
-    if length and not torch.compiler.is_compiling():
+    if length and num_classes is not None and not torch.compiler.is_compiling():
         # The range check reads values: on the CPU that is free, on an accelerator it would sync with the host on
         # every step, so there it is an asynchronous device assert. Under torch.compile it is left to the
         # indexing of the positives (a graph must not break on a host read).

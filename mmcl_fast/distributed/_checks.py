@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._numerics import accumulation_dtype
 from .._ops import resolve_backend
-from .._validate import check_features, check_scalar
+from .._validate import check_features, check_labels, check_scalar
 from ._transport import all_gather_into
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -131,20 +131,6 @@ def _metadata_device(group, *candidates) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_local_labels(labels, name: str, length: int, like: Tensor) -> Tensor:
-    """Dtype, shape and device; the value range needs the global batch sizes and is checked on the table."""
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of global class indices, got {type(labels).__name__}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor of global class indices, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != length:
-        raise ValueError(f"{name} must have shape ({length},) (one global index per local row), got "
-                         f"{tuple(labels.shape)}")
-    if labels.device != like.device:
-        raise ValueError(f"{name} is on {labels.device} but the features are on {like.device}")
-    return labels.long()
-
-
 def _label_range(labels: Tensor | None) -> tuple[int, int]:
     """(min, max) of labels read on the host, for CPU tensors only (on an accelerator a host read syncs: there the
     range is a device-side assert, see `_assert_label_range`)."""
@@ -179,9 +165,9 @@ def exchange_and_check(image_features, text_features, logit_scale, logit_bias, *
         if image_features.dtype not in DTYPES:
             raise TypeError(f"image_features must be float32/bfloat16/float16/float64, got {image_features.dtype}")
         if image_labels is not None:
-            image_labels = _check_local_labels(image_labels, "image_labels", n, image_features)
+            image_labels = check_labels(image_labels, "image_labels", n, None, image_features)
         if text_labels is not None:
-            text_labels = _check_local_labels(text_labels, "text_labels", m, image_features)
+            text_labels = check_labels(text_labels, "text_labels", m, None, image_features)
         if n != m and (image_labels is None or text_labels is None):
             labels_hint = ("unpaired local batches need both image_labels and text_labels (global indices); without "
                            "labels " if loss == "clip" else "")

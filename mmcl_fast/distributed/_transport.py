@@ -10,8 +10,8 @@ partials) to an accumulator that must end at block k's owner. Three transports d
   is posted before the current tile is computed (batch_isend_irecv), so communication overlaps computation.
 - `broadcast_pass`: block k is broadcast from its owner; the accumulators are summed onto it (dist.reduce), the
   next broadcast in flight during the current tile. Also O(one block) per rank.
-- `gather_pass`: every block is all-gathered into one (N, D) block (O(N * D) per rank, the fastest at small W);
-  the caller reduces the accumulators (reduce-scatter / all-reduce).
+- `all_gather_rows` / `reduce_scatter_rows`: every block is all-gathered into one (N, D) block (O(N * D) per rank,
+  the fewest messages); the caller reduces the accumulators (reduce-scatter / all-reduce).
 
 Empty blocks (a rank with no rows of a lane) are skipped on both sides: every rank knows every block's size.
 """
@@ -89,11 +89,11 @@ def _empty(like: tuple, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _widest(likes: list) -> tuple:
-    """The (shape, dtype) that holds any of `likes` (same dtype and trailing dims, differing row counts), with the
-    spare rows a kernel may write past the end of an in-place accumulator (`_problem.accumulator`)."""
+def _widest(likes: list, spare_rows: int) -> tuple:
+    """The (shape, dtype) that holds any of `likes` (same dtype and trailing dims, differing row counts), plus
+    `spare_rows` (the rows a kernel may write past the end of an in-place accumulator, `_problem.accumulator`)."""
     (shape, dtype), rows = likes[0], max(like[0][0] for like in likes)
-    return (rows + SPARE_ROWS,) + tuple(shape[1:]), dtype
+    return (rows + spare_rows,) + tuple(shape[1:]), dtype
 
 
 def _rows(buffer: Tensor, like: tuple) -> Tensor:
@@ -105,8 +105,8 @@ class _PingPong:
     """`count` buffers of the widest shape a lane needs, reused every step: a ring allocates nothing per step (no
     allocator growth with W) and hands out row views, so uneven blocks share the same buffers."""
 
-    def __init__(self, likes: list, count: int, device: torch.device):
-        widest = _widest(likes)
+    def __init__(self, likes: list, count: int, device: torch.device, accumulators: bool = False):
+        widest = _widest(likes, SPARE_ROWS if accumulators else 0)
         self.buffers = [_empty(widest, device) for _ in range(count)]
 
     def get(self, index: int, like: tuple) -> Tensor:
@@ -131,7 +131,7 @@ def ring_pass(group, rank: int, world: int, lanes: list, visit: Callable, merge:
                                if world > 1 else [])
         acc_likes = [lane.acc_like(q) for q in range(world)]
         acc_buffers.append(None if acc_likes[0] is None else
-                           _PingPong(acc_likes, 3 if overlap and world > 1 else 2, device))
+                           _PingPong(acc_likes, 3 if overlap and world > 1 else 2, device, accumulators=True))
     held = [list(lane.payload) for lane in lanes]
     origins = [rank] * len(lanes)
     current = 0  # the accumulator buffer that holds this step's running sum (the other one is in flight)
@@ -209,7 +209,8 @@ def broadcast_pass(group, rank: int, world: int, own_block: Tensor, block_like: 
     block's accumulator, summed over every rank."""
     device = own_block.device
     blocks = _PingPong([block_like(q) for q in range(world)], 2, device)
-    accs = None if acc_like is None else _PingPong([acc_like(q) for q in range(world)], 2 if overlap else 1, device)
+    accs = None if acc_like is None else _PingPong([acc_like(q) for q in range(world)], 2 if overlap else 1, device,
+                                                   accumulators=True)
     own_acc = None if acc_like is None else accumulator(*acc_like(rank)[0], acc_like(rank)[1], device)
 
     def start(origin: int, slot: int):

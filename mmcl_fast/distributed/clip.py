@@ -4,7 +4,8 @@ Rank r holds n_r images X_r and m_r captions Y_r (paired, or with global labels)
 (N images, M captions), with L_ij = s <x_i, y_j> + b, label smoothing e, image i's caption t_i and caption j's
 image l_j:
 
-    row_i = lse_j L_ij - (1 - e) L_{i t_i} - (e / M) sum_j L_ij      col_j = lse_i L_ij - (1 - e) L_{l_j j} - (e / N) sum_i L_ij
+    row_i = lse_j L_ij - (1 - e) L_{i t_i} - (e / M) sum_j L_ij
+    col_j = lse_i L_ij - (1 - e) L_{l_j j} - (e / N) sum_i L_ij
     L = 1/2 [ (1/N) sum_i row_i + (1/M) sum_j col_j ]
 
 Rank r owns the row terms of its images and the column terms of its captions, and returns
