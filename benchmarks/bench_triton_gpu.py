@@ -132,9 +132,9 @@ def measure(impl_name: str, n: int, d: int, *, target_seconds: float, check: boo
 
 def _chosen_configs() -> dict:
     """The tile shapes the autotuner picked (for the record)."""
-    from mmcl_fast.backends.triton import lse, matmul
+    from mmcl_fast.backends.triton import matmul, sweep
     chosen = {}
-    for name, kernel in (("forward", lse._lse_partials_kernel), ("gradient_tiles", lse._grad_tile_kernel),
+    for name, kernel in (("forward", sweep._lse_partials_kernel), ("gradient_tiles", sweep._grad_tile_kernel),
                          ("gemm", matmul._accumulate_matmul_kernel)):
         config = getattr(kernel, "best_config", None)
         if config is not None:

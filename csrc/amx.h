@@ -1,5 +1,5 @@
 // AMX (Intel Advanced Matrix Extensions, AMX-TILE + AMX-BF16) building blocks of the tile sweep for bf16 inputs.
-// Only included by the amx-bf16 build (lse_amx.cpp, compiled with -mamx-tile -mamx-bf16), entered only after
+// Only included by the amx-bf16 build (core_amx.cpp, compiled with -mamx-tile -mamx-bf16), entered only after
 // isa.cpp has checked the CPU and obtained the kernel's permission to use the tile registers.
 //
 // TDPBF16PS multiplies a 16 x 32 bf16 tile A by a 32 x 16 bf16 tile B held in "VNNI" order (16 rows of 16 bf16

@@ -1,5 +1,5 @@
 // AVX2 + FMA (+ F16C) vector policy for the kernels in lse.h: 8 fp32 lanes in one ymm register (x86-64-v3).
-// Only included by lse_avx2.cpp, which is compiled with -mavx2 -mfma -mf16c and entered only after a run-time
+// Only included by core_avx2.cpp, which is compiled with -mavx2 -mfma -mf16c and entered only after a run-time
 // CPU check.
 #pragma once
 #include <immintrin.h>

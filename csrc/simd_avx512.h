@@ -1,5 +1,5 @@
 // AVX-512 vector policy for the kernels in lse.h: 16 fp32 lanes in one zmm register.
-// Only included by lse_avx512.cpp, which is compiled with -mavx512f and friends and entered only after a
+// Only included by core_avx512.cpp, which is compiled with -mavx512f and friends and entered only after a
 // run-time CPU check.
 #pragma once
 #include <immintrin.h>

@@ -1,6 +1,6 @@
 // aarch64 Advanced SIMD (NEON) vector policy for the kernels in lse.h: 4 fp32 lanes in one 128-bit register.
 // ASIMD is part of the aarch64 baseline, so this build needs no extra compiler flags; it is compiled only for
-// aarch64 targets (lse_neon.cpp).
+// aarch64 targets (core_neon.cpp).
 #pragma once
 #include <arm_neon.h>
 #include <cstdint>

@@ -88,3 +88,27 @@ def check_rank_world(rank, world_size) -> None:
     """open_clip's loss-module arguments: 0 <= rank < world_size."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def as_vector(value, length: int, name: str, like: Tensor, acc_dtype: torch.dtype) -> Tensor:
+    """A float, 0-d tensor or (length,) tensor → contiguous (length,) tensor in the accumulation dtype."""
+    if value is None:
+        return torch.zeros(length, dtype=acc_dtype, device=like.device)
+    if not isinstance(value, Tensor):
+        return torch.full((length,), float(value), dtype=acc_dtype, device=like.device)
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+    if not (value.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.dim() == 0:
+        return value.to(acc_dtype).expand(length).contiguous()
+    if value.dim() == 1 and value.shape[0] == length:
+        return value.to(acc_dtype).contiguous()
+    raise ValueError(f"{name} must be a scalar or a ({length},) tensor, got shape {tuple(value.shape)}")
+
+
+def unit_stride(t: Tensor) -> Tensor:
+    """Kernels take a row stride but need unit stride along features; other layouts are copied once."""
+    if t.stride(1) == 1 and (t.stride(0) >= t.shape[1] or t.shape[0] == 1):
+        return t
+    return t.contiguous()

@@ -118,7 +118,7 @@ def test_float64_inputs(backend):
 
 
 def test_auto_float64_takes_the_blocked_torch_backend():
-    from mmcl_fast._ops import resolve_backend
+    from mmcl_fast.backends import resolve_backend
     assert resolve_backend("auto", torch.device("cpu"), torch.float64) == "torch"
     compare(unit(33, 8, torch.float64), unit(33, 8, torch.float64), scale=3.0, backend="auto")
 

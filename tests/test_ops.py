@@ -236,8 +236,8 @@ def test_memory_acceptance_n32768_d512(backend):
 
 def test_blocked_linear_statistics(monkeypatch):
     """Positives and label-smoothing sums are computed over row blocks (bounded temporaries): force tiny blocks."""
-    from mmcl_fast import _ops
-    monkeypatch.setattr(_ops, "_STATS_BLOCK_ROWS", 7)
+    from mmcl_fast import _stats
+    monkeypatch.setattr(_stats, "STATS_BLOCK_ROWS", 7)
     x, y = torch.randn(50, 9), torch.randn(23, 9)
     image_labels, text_labels = torch.randint(0, 23, (50,)), torch.randint(0, 50, (23,))
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()

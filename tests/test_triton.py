@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmcl_fast._problem import Affine
+from mmcl_fast._problem import Problem
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close  # noqa: E402 (tests/ on sys.path first)
@@ -178,11 +178,11 @@ def make_inputs(case) -> dict:
 def _run_case(case, inputs) -> dict:
     import mmcl_fast
     from mmcl_fast import _ops
-    from mmcl_fast.backends.triton import lse as triton_lse
+    from mmcl_fast.backends.triton import sweep as triton_sweep
 
-    default_splits = triton_lse._MAX_SPLITS
+    default_splits = triton_sweep._MAX_SPLITS
     if "max_splits" in case:
-        triton_lse._MAX_SPLITS = case["max_splits"]
+        triton_sweep._MAX_SPLITS = case["max_splits"]
     if "chunk_mb" in case:
         os.environ["MMCL_FAST_TRITON_CHUNK_MB"] = str(case["chunk_mb"])
     try:
@@ -233,7 +233,7 @@ def _run_case(case, inputs) -> dict:
         return dict(loss=loss.detach(), dx=x.grad, dy=y.grad, dscale=scale.grad)
     finally:
         os.environ.pop("MMCL_FAST_TRITON_CHUNK_MB", None)
-        triton_lse._MAX_SPLITS = default_splits
+        triton_sweep._MAX_SPLITS = default_splits
 
 
 def _interpreted_case(case, inputs) -> dict:
@@ -407,7 +407,7 @@ def test_bad_input_is_named(mutate, error, match):
     pytest.importorskip("triton")
     from mmcl_fast.backends import triton as triton_backend
     with pytest.raises(error, match=match):
-        triton_backend.lse_fwd(Affine(*mutate(_problem())), True, True)
+        triton_backend.lse_fwd(Problem(*mutate(_problem())), True, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,18 +461,18 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs the compiler, not the interpreter")
     pytest.importorskip("triton")
-    from mmcl_fast.backends.triton import lse, matmul
+    from mmcl_fast.backends.triton import matmul, sweep
     half = dtype in ("bf16", "fp16")
     feature = "fp32" if dtype == "tf32x3" else dtype
     g_dtype = "fp16" if half else "fp32"
     precision = "tf32" if half else ("tf32x3" if dtype == "tf32x3" else "ieee")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
-    forward_shapes = lse._FORWARD_SHAPES[lse.shape_group(torch_dtype, precision, lse._FORWARD_SHAPES)]
-    grad_shapes = lse._GRAD_SHAPES[lse.shape_group(torch_dtype, precision, lse._GRAD_SHAPES)]
-    sigmoid_shapes = lse._SIGMOID_SHAPES[lse.shape_group(torch_dtype, precision, lse._SIGMOID_SHAPES)]
+    forward_shapes = sweep._FORWARD_SHAPES[sweep.shape_group(torch_dtype, precision, sweep._FORWARD_SHAPES)]
+    grad_shapes = sweep._GRAD_SHAPES[sweep.shape_group(torch_dtype, precision, sweep._GRAD_SHAPES)]
+    sigmoid_shapes = sweep._SIGMOID_SHAPES[sweep.shape_group(torch_dtype, precision, sweep._SIGMOID_SHAPES)]
     gemm_shapes = matmul._HALF_SHAPES if half else (matmul._TF32_SHAPES if dtype == "tf32x3" else matmul._FP32_SHAPES)
     key = lambda c, a, b: (c.kwargs[a], c.kwargs[b], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)  # noqa: E731
-    tile_configs = {key(c, "BLOCK_N", "BLOCK_M"): c for c in lse._tile_configs()}
+    tile_configs = {key(c, "BLOCK_N", "BLOCK_M"): c for c in sweep._tile_configs()}
     gemm_configs = [c for c in matmul._gemm_configs() if key(c, "BLOCK_R", "BLOCK_C") in gemm_shapes]
     assert set(forward_shapes) | set(grad_shapes) | set(sigmoid_shapes) <= set(tile_configs)
     assert len(gemm_configs) == len(gemm_shapes)
@@ -491,17 +491,17 @@ def test_kernels_compile_for_hopper_without_spills(dtype):
                              "R_CLASS", "C_CLASS", "K_CLASS", "A_K_CONTIGUOUS"))
     builds = {}
     for shape in forward_shapes:
-        builds[f"forward {shape}"] = _compile_for_hopper(lse._lse_partials_kernel, forward_types, dict(
+        builds[f"forward {shape}"] = _compile_for_hopper(sweep._lse_partials_kernel, forward_types, dict(
             NEED_ROW=True, NEED_COL=True, UPCAST=False, INPUT_PRECISION=precision), tile_configs[shape])
     for shape in grad_shapes:
-        builds[f"gradient tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
+        builds[f"gradient tiles {shape}"] = _compile_for_hopper(sweep._grad_tile_kernel, grad_types, dict(
             EPILOGUE=0, GRADS=True, HAS_ROW=True, HAS_COL=True, HAS_ROW_CONST=True, HAS_COL_CONST=True,
-            HAS_ROW_TARGET=True, HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT),
+            HAS_ROW_TARGET=True, HAS_COL_TARGET=True, UPCAST=False, INPUT_PRECISION=precision, SLOT=sweep._SLOT),
             tile_configs[shape])
     for shape in sigmoid_shapes:
-        builds[f"sigmoid tiles {shape}"] = _compile_for_hopper(lse._grad_tile_kernel, grad_types, dict(
+        builds[f"sigmoid tiles {shape}"] = _compile_for_hopper(sweep._grad_tile_kernel, grad_types, dict(
             EPILOGUE=1, GRADS=True, HAS_ROW=False, HAS_COL=False, HAS_ROW_CONST=False, HAS_COL_CONST=False,
-            HAS_ROW_TARGET=False, HAS_COL_TARGET=False, UPCAST=False, INPUT_PRECISION=precision, SLOT=lse._SLOT),
+            HAS_ROW_TARGET=False, HAS_COL_TARGET=False, UPCAST=False, INPUT_PRECISION=precision, SLOT=sweep._SLOT),
             tile_configs[shape])
     for config in gemm_configs:
         shape = key(config, "BLOCK_R", "BLOCK_C")
@@ -630,22 +630,22 @@ def test_tf32_flags_of_both_torch_apis_are_read_without_error():
     """Reading the legacy allow_tf32 after a user set the newer fp32_precision raises inside torch; the backend
     reads the new API first. TF32 means the near-IEEE tf32x3 unless MMCL_FAST_TRITON_TF32=1x."""
     pytest.importorskip("triton")
-    from mmcl_fast.backends.triton import lse
+    from mmcl_fast.backends.triton import sweep
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API")
-    if lse.interpreting():
+    if sweep.interpreting():
         pytest.skip("the interpreter always computes in IEEE fp32")
     previous = matmul.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
-        assert lse._tf32_allowed() and lse._input_precision(torch.float32) == "tf32x3"
+        assert sweep._tf32_allowed() and sweep._input_precision(torch.float32) == "tf32x3"
         os.environ["MMCL_FAST_TRITON_TF32"] = "1x"
-        assert lse._input_precision(torch.float32) == "tf32"
+        assert sweep._input_precision(torch.float32) == "tf32"
         del os.environ["MMCL_FAST_TRITON_TF32"]
         matmul.fp32_precision = "ieee"
-        assert not lse._tf32_allowed() and lse._input_precision(torch.float32) == "ieee"
-        assert lse._input_precision(torch.bfloat16) == "tf32"  # ignored by tl.dot for 16-bit operands
+        assert not sweep._tf32_allowed() and sweep._input_precision(torch.float32) == "ieee"
+        assert sweep._input_precision(torch.bfloat16) == "tf32"  # ignored by tl.dot for 16-bit operands
     finally:
         os.environ.pop("MMCL_FAST_TRITON_TF32", None)
         matmul.fp32_precision = previous

@@ -77,7 +77,7 @@ def test_docstrings_name_every_backend():
 
     import mmcl_fast
     import mmcl_fast.backends
-    from mmcl_fast._ops import BACKENDS
+    from mmcl_fast.backends import BACKENDS
     functions = [mmcl_fast.clip_loss, mmcl_fast.siglip_loss, mmcl_fast.infonce, mmcl_fast.uniformity_loss,
                  mmcl_fast.brownian_bridge_loss, mmcl_fast.feature_separation_loss, mmcl_fast.distributed.clip_loss]
     for function in functions:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import accumulation_dtype, batched_dot
-from .._problem import Affine, Gradients, add_into
+from .._problem import Gradients, Problem, add_into
 
 # Elements of one logits tile; a step holds at most three tile-sized tensors. CPU: 4 MiB in fp32 (cache-friendly,
 # and small next to the inputs); accelerators: 64 MiB, so that each matmul fills the device and few launches
@@ -69,8 +69,8 @@ def _online_update(run_max: Tensor, run_sum: Tensor, logits: Tensor, dim: int, c
     run_max.copy_(new_max)
 
 
-def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
-    x, y, scale, row_bias, col_bias = problem
+def lse_fwd(problem: Problem, need_row: bool, need_col: bool):
+    x, y, scale, row_bias, col_bias = problem.operands
     acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     row_max = torch.full((n if need_row else 0,), float("-inf"), dtype=acc, device=x.device)
@@ -102,22 +102,17 @@ def _add_targets(g: Tensor, target: Tensor, target_grad: Tensor, start: int, dim
         g.scatter_add_(0, index[None, :], value[None, :])
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
-            in_place=False):
+def lse_bwd(problem: Problem, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None, out=None, in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype` (default: the features' dtype)."""
     grad_dtype = out[0].dtype if out is not None else grad_dtype
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
     acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     use_row = row_lse.numel() > 0 and grad_row.numel() > 0
     use_col = col_lse.numel() > 0 and grad_col.numel() > 0
-    present = (lambda t: t is not None and t.numel() > 0)  # noqa: E731
-    row_const = extras.row_const if extras is not None and present(extras.row_const) else None
-    col_const = extras.col_const if extras is not None and present(extras.col_const) else None
-    row_target = (extras.row_target if extras is not None and present(extras.row_target)
-                  and present(extras.row_target_grad) else None)
-    col_target = (extras.col_target if extras is not None and present(extras.col_target)
-                  and present(extras.col_target_grad) else None)
+    terms = problem.extra_terms()
+    row_const, col_const = terms.get("row_const"), terms.get("col_const")
+    row_target, col_target = terms.get("row_target"), terms.get("col_target")
     dx = torch.zeros(x.shape, dtype=acc, device=x.device)
     dy = torch.zeros(y.shape, dtype=acc, device=x.device)
     dscale = torch.zeros(n, dtype=acc, device=x.device)
@@ -144,9 +139,9 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
         if col_const is not None:
             g.add_(col_const[None, j0:j1].to(acc))
         if row_target is not None:
-            _add_targets(g, row_target[i0:i1], extras.row_target_grad[i0:i1], j0, 1)
+            _add_targets(g, row_target[i0:i1], terms["row_target_grad"][i0:i1], j0, 1)
         if col_target is not None:
-            _add_targets(g, col_target[j0:j1], extras.col_target_grad[j0:j1], i0, 0)
+            _add_targets(g, col_target[j0:j1], terms["col_target_grad"][j0:j1], i0, 0)
         dscale[i0:i1] += batched_dot(g, sim, acc)  # row dots, no tile temporary
         del sim
         drow[i0:i1] += g.sum(1)
@@ -167,11 +162,12 @@ def _negate_positives(t: Tensor, pos_cols: Tensor, i0: int, i1: int, j0: int, j1
     t.scatter_add_(1, index, torch.where(inside, -2.0 * t.gather(1, index), 0.0))
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
+def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False):
     """Row sums of softplus(-z L) and (need_grad) the gradients of their total, tile by tile: forward and backward
     in one sweep (3 GEMM-equivalents with gradients, 1 without), at most three tiles alive (S, u = -z L and the
     softplus temporary; G overwrites u)."""
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
+    pos_cols = problem.pos_cols
     acc = accumulation_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     row_loss = torch.zeros(n, dtype=acc, device=x.device)

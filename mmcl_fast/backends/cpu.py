@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._problem import Affine, Gradients, Positives
+from .._problem import Gradients, Problem
 
 try:
     from .. import _C
@@ -97,8 +97,8 @@ def _optional_vector(t, name: str):
     return None if t is None or t.numel() == 0 else _vector(t, name)
 
 
-def _affine(problem: Affine):
-    x, y, scale, row_bias, col_bias = problem
+def _affine(problem: Problem):
+    x, y, scale, row_bias, col_bias = problem.operands
     return _module().AffineProblem(_matrix(x, "x"), _matrix(y, "y"), _vector(scale, "scale"),
                                    _vector(row_bias, "row_bias"), _vector(col_bias, "col_bias"))
 
@@ -126,7 +126,7 @@ def _gradients(grads: Gradients, in_place: bool = False):
                                _vector(grads.drow_bias, "drow_bias"), _vector(grads.dcol_bias, "dcol_bias"))
 
 
-def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
+def lse_fwd(problem: Problem, need_row: bool, need_col: bool):
     x, y = problem.x, problem.y
     row_lse = torch.empty(x.shape[0] if need_row else 0, dtype=torch.float32)
     col_lse = torch.empty(y.shape[0] if need_col else 0, dtype=torch.float32)
@@ -135,8 +135,7 @@ def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
-            in_place=False):
+def lse_bwd(problem: Problem, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None, out=None, in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias); dx / dy in `grad_dtype`: the features' dtype (default) or float32.
 
     out: optional (dx, dy) float32 tensors the gradients are added to (returned as dx, dy): a cross-rank running sum.
@@ -147,15 +146,7 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
     need_col = col_lse.numel() > 0 and grad_col.numel() > 0
     grad_row = grad_row.to(torch.float32).contiguous()
     grad_col = grad_col.to(torch.float32).contiguous()
-    folded = {}
-    if extras is not None:
-        present = lambda t: t is not None and t.numel() > 0  # noqa: E731
-        folded = {"row_const": extras.row_const, "col_const": extras.col_const}
-        # a target without its gradient (or vice versa) contributes nothing
-        if present(extras.row_target) and present(extras.row_target_grad):
-            folded.update(row_target=extras.row_target, row_target_grad=extras.row_target_grad)
-        if present(extras.col_target) and present(extras.col_target_grad):
-            folded.update(col_target=extras.col_target, col_target_grad=extras.col_target_grad)
+    folded = problem.extra_terms()
     grad_dtype = torch.float32 if out is not None else (grad_dtype or x.dtype)
     dx, dy = out if out is not None else (torch.empty(x.shape, dtype=grad_dtype),
                                           torch.empty(y.shape, dtype=grad_dtype))
@@ -171,17 +162,17 @@ def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, 
     return tuple(grads)
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
+def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False):
     """(row_loss (N,), Gradients in fp32 or None): row sums of softplus(-z L) and the gradients of their total.
 
-    pos_cols: (N, K) int64, row i's positive columns ascending, then -1 padding (see `_ops.sigmoid_stats`).
+    The positives, `problem.pos_cols` ((N, K), -1 padded), become the core's CSR `Positives` here, at the boundary.
     out: optional (dx, dy) float32 tensors the feature gradients are added to (with need_grad); in_place: as in
     `lse_bwd`."""
-    x, y = problem.x, problem.y
+    x, y, pos_cols = problem.x, problem.y, problem.pos_cols
     valid = pos_cols >= 0
     ptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64)
     torch.cumsum(valid.sum(1), 0, out=ptr[1:])
-    positives = Positives(ptr, pos_cols[valid].contiguous())  # row-major: row by row, ascending within a row
+    cols = pos_cols[valid].contiguous()  # row-major: row by row, ascending within a row
     row_loss = torch.empty(x.shape[0], dtype=torch.float32)
     grads = None
     if need_grad:
@@ -190,8 +181,8 @@ def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, i
         grads = Gradients(dx, dy, torch.empty_like(problem.scale), torch.empty_like(problem.row_bias),
                           torch.empty_like(problem.col_bias))
     in_place = in_place and need_grad and out is not None and _in_place_ok(out)
-    _module().sigmoid_loss(_affine(problem), _module().Positives(_vector(positives.ptr, "positives.ptr"),
-                                                                 _vector(positives.cols, "positives.cols")),
+    _module().sigmoid_loss(_affine(problem), _module().Positives(_vector(ptr, "positives.ptr"),
+                                                                 _vector(cols, "positives.cols")),
                            _vector(row_loss, "row_loss"), None if grads is None else _gradients(grads, in_place),
                            torch.get_num_threads(), need_grad and out is not None, in_place)
     return row_loss, grads

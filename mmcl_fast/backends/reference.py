@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import accumulation_dtype
-from .._problem import Affine, Gradients, add_into
+from .._problem import Gradients, Problem, add_into
 
 
 def _logits(x, y, scale, row_bias, col_bias):
@@ -18,8 +18,8 @@ def _logits(x, y, scale, row_bias, col_bias):
     return sim, scale.to(acc)[:, None] * sim + row_bias.to(acc)[:, None] + col_bias.to(acc)[None, :]
 
 
-def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
-    x, y, scale, row_bias, col_bias = problem
+def lse_fwd(problem: Problem, need_row: bool, need_col: bool):
+    x, y, scale, row_bias, col_bias = problem.operands
     _, logits = _logits(x, y, scale, row_bias, col_bias)
     empty = logits.new_empty((0,))
     row_lse = torch.logsumexp(logits, dim=1) if need_row else empty
@@ -27,35 +27,34 @@ def lse_fwd(problem: Affine, need_row: bool, need_col: bool):
     return row_lse, col_lse
 
 
-def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras=None):
-    """The dense G_ij of SPEC §1 (softmax terms plus the folded linear terms)."""
+def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, terms=None):
+    """The dense G_ij of SPEC §1 (softmax terms plus the folded linear terms: `Problem.extra_terms()`)."""
     acc = logits.dtype
     g = torch.zeros_like(logits)
     if row_lse.numel() and grad_row.numel():
         g += grad_row.to(acc)[:, None] * torch.exp(logits - row_lse.to(acc)[:, None])
     if col_lse.numel() and grad_col.numel():
         g += grad_col.to(acc)[None, :] * torch.exp(logits - col_lse.to(acc)[None, :])
-    if extras is not None:
-        if extras.row_const.numel():
-            g += extras.row_const.to(acc)[:, None]
-        if extras.col_const.numel():
-            g += extras.col_const.to(acc)[None, :]
-        if extras.row_target.numel() and extras.row_target_grad.numel():
-            rows = torch.arange(g.shape[0], device=g.device)
-            g.index_put_((rows, extras.row_target), extras.row_target_grad.to(acc), accumulate=True)
-        if extras.col_target.numel() and extras.col_target_grad.numel():
-            cols = torch.arange(g.shape[1], device=g.device)
-            g.index_put_((extras.col_target, cols), extras.col_target_grad.to(acc), accumulate=True)
+    terms = terms or {}
+    if "row_const" in terms:
+        g += terms["row_const"].to(acc)[:, None]
+    if "col_const" in terms:
+        g += terms["col_const"].to(acc)[None, :]
+    if "row_target" in terms:
+        rows = torch.arange(g.shape[0], device=g.device)
+        g.index_put_((rows, terms["row_target"]), terms["row_target_grad"].to(acc), accumulate=True)
+    if "col_target" in terms:
+        cols = torch.arange(g.shape[1], device=g.device)
+        g.index_put_((terms["col_target"], cols), terms["col_target_grad"].to(acc), accumulate=True)
     return g
 
 
-def lse_bwd(problem: Affine, row_lse, col_lse, grad_row, grad_col, extras=None, grad_dtype=None, out=None,
-            in_place=False):
+def lse_bwd(problem: Problem, row_lse, col_lse, grad_row, grad_col, *, grad_dtype=None, out=None, in_place=False):
     grad_dtype = out[0].dtype if out is not None else grad_dtype
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
     acc = accumulation_dtype(x.dtype)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
-    g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, extras)
+    g = gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, problem.extra_terms())
     gs = g * scale.to(acc)[:, None]
     dx = (gs @ y.to(acc)).to(grad_dtype or x.dtype)
     dy = (gs.T @ x.to(acc)).to(grad_dtype or y.dtype)
@@ -72,12 +71,12 @@ def positive_mask(pos_cols: Tensor, m: int) -> Tensor:
     return mask[:, :m]
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
+def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False):
     """Dense sigmoid loss: row sums of softplus(-z L) and (need_grad) the gradients of their total."""
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
     acc = accumulation_dtype(x.dtype)
     sim, logits = _logits(x, y, scale, row_bias, col_bias)
-    sign = 1.0 - 2.0 * positive_mask(pos_cols, y.shape[0]).to(acc)  # -z: +1 for negatives, -1 for positives
+    sign = 1.0 - 2.0 * positive_mask(problem.pos_cols, y.shape[0]).to(acc)  # -z: +1 for negatives, -1 for positives
     u = sign * logits
     row_loss = torch.nn.functional.softplus(u).sum(1)
     if not need_grad:

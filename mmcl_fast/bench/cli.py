@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .._ops import BACKENDS
+from ..backends import BACKENDS
 from .impls import DTYPES, LOSSES
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's text exchange schemes

@@ -56,7 +56,7 @@ def backends() -> dict:
 
 
 def collect() -> dict:
-    from .._ops import resolve_backend
+    from ..backends import resolve_backend
     from .impls import LOSSES
     from .machine import cpu_model, cuda_devices, versions
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

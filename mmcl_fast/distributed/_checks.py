@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._numerics import accumulation_dtype
-from .._ops import resolve_backend
+from ..backends import resolve_backend
 from .._validate import check_features, check_labels, check_scalar
 from ._transport import all_gather_into
 

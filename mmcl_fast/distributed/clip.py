@@ -37,8 +37,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._numerics import accumulation_dtype
-from .._ops import Extras, _backend_module, _blocked_rowdot, _unit_stride, autocast_off
-from .._problem import Affine, accumulator
+from .._autocast import autocast_off
+from .._problem import Extras, Problem, accumulator
+from .._stats import blocked_rowdot
+from .._validate import unit_stride
+from ..backends import get_backend
 from . import _transport
 from ._checks import Layout, as_scalar_tensor, exchange_and_check
 
@@ -78,7 +81,7 @@ def _positive_logits(x: Tensor, y: Tensor, index: Tensor, inside: Tensor, scale:
                      acc: torch.dtype, rows_of_x: bool) -> Tensor:
     """L at (row i, column index_i) (rows_of_x) or (row index_j, column j), 0 where not `inside` this tile."""
     rows, other = (x, y) if rows_of_x else (y, x)
-    dots = torch.cat([_blocked_rowdot(rows[start:start + _DOT_ROWS], other, index[start:start + _DOT_ROWS], acc)
+    dots = torch.cat([blocked_rowdot(rows[start:start + _DOT_ROWS], other, index[start:start + _DOT_ROWS], acc)
                       for start in range(0, rows.shape[0], _DOT_ROWS)])
     return torch.where(inside, scale * dots + bias, torch.zeros((), dtype=acc, device=x.device))
 
@@ -98,7 +101,7 @@ class _ClipAcrossRanks(torch.autograd.Function):
         layout, acc = call.layout, call.acc
         rank, world = layout.rank, layout.world
         # the captions travel between ranks: point-to-point and collective ops need them contiguous
-        x, y = _unit_stride(image.detach()), text.detach().contiguous()
+        x, y = unit_stride(image.detach()), text.detach().contiguous()
         n, m, dim = x.shape[0], y.shape[0], x.shape[1]
         device = x.device
         scale_v = scale.detach().to(acc).expand(n).contiguous()
@@ -115,7 +118,7 @@ class _ClipAcrossRanks(torch.autograd.Function):
             col_lse, col_pos = (torch.full((m_k,), float("-inf"), dtype=acc, device=device),
                                 torch.zeros(m_k, dtype=acc, device=device))
             if m_k:
-                problem = Affine(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
+                problem = Problem(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
                 tile_row_lse, col_lse = call.backend.lse_fwd(problem, True, True)
                 torch.logaddexp(row_lse, tile_row_lse.to(acc), out=row_lse)
                 col_lse = col_lse.to(acc)
@@ -179,7 +182,7 @@ class _ClipAcrossRanks(torch.autograd.Function):
         layout, acc = call.layout, call.acc
         rank, world = layout.rank, layout.world
         # the captions travel between ranks: point-to-point and collective ops need them contiguous
-        x, y = _unit_stride(image.detach()), text.detach().contiguous()
+        x, y = unit_stride(image.detach()), text.detach().contiguous()
         n, m, dim = x.shape[0], y.shape[0], x.shape[1]
         device = x.device
         e, n_all, m_all = call.smoothing, layout.n_images, layout.n_texts
@@ -207,9 +210,9 @@ class _ClipAcrossRanks(torch.autograd.Function):
             extras = Extras(row_const, -(e / n_all) * grad_col if e else empty,
                             row_index, torch.where(row_inside, -(1.0 - e) * grad_row, zero).contiguous(),
                             col_index, torch.where(col_inside, -(1.0 - e) * grad_col, zero).contiguous())
-            problem = Affine(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
+            problem = Problem(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device), extras)
             _, _, tile_dscale, tile_drow, _ = call.backend.lse_bwd(
-                problem, row_lse, col_lse_k, grad_row, grad_col, extras, out=(d_image, d_text), in_place=True)
+                problem, row_lse, col_lse_k, grad_row, grad_col, out=(d_image, d_text), in_place=True)
             d_scale.add_(tile_dscale.to(acc).sum())
             d_bias.add_(tile_drow.to(acc).sum())
 
@@ -323,7 +326,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
                   torch.arange(layout.text_offset(this), layout.text_offset(this) + n, device=device))
     own_col_labels = (checked.text_labels if checked.text_labels is not None else
                       torch.arange(layout.image_offset(this), layout.image_offset(this) + m, device=device))
-    call = _Call(layout, group, _backend_module(checked.backend), impl, acc, float(label_smoothing),
+    call = _Call(layout, group, get_backend(checked.backend), impl, acc, float(label_smoothing),
                  row_target.contiguous(), own_col_labels.contiguous(), checked.text_labels is not None,
                  checked.image_labels is not None or checked.text_labels is not None,
                  _transport.overlap_accumulator(device))

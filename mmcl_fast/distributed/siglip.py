@@ -29,8 +29,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._numerics import accumulation_dtype
-from .._ops import _backend_module, _unit_stride, autocast_off
-from .._problem import Affine, accumulator
+from .._autocast import autocast_off
+from .._problem import Problem, accumulator
+from .._validate import unit_stride
+from ..backends import get_backend
 from . import _transport
 from ._checks import Layout, as_scalar_tensor, exchange_and_check
 
@@ -56,7 +58,7 @@ class _SiglipAcrossRanks(torch.autograd.Function):
         layout, acc, need_grad = call.layout, call.acc, call.need_grad
         rank, world = layout.rank, layout.world
         # the captions travel between ranks: point-to-point and collective ops need them contiguous
-        x, y = _unit_stride(image.detach()), text.detach().contiguous()
+        x, y = unit_stride(image.detach()), text.detach().contiguous()
         n, dim = x.shape
         device = x.device
         scale_v = scale.detach().to(acc).expand(n).contiguous()
@@ -74,8 +76,9 @@ class _SiglipAcrossRanks(torch.autograd.Function):
                 return
             local = own_texts - text_start
             positives = torch.where((local >= 0) & (local < m_k), local, -1)[:, None].contiguous()
-            problem = Affine(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device))
-            row_loss, grads = call.backend.sigmoid_loss(problem, positives, need_grad,
+            problem = Problem(x, y_k, scale_v, bias_v, torch.zeros(m_k, dtype=acc, device=device),
+                              pos_cols=positives)
+            row_loss, grads = call.backend.sigmoid_loss(problem, need_grad,
                                                         out=(d_image, d_text) if need_grad else None,
                                                         in_place=True)
             total.add_(row_loss.to(torch.float64).sum())
@@ -210,6 +213,6 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     bias = as_scalar_tensor(0.0 if checked.logit_bias is None else checked.logit_bias, image_features)
     need_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (image_features, text_features, scale, bias))
-    call = _Call(checked.layout, group, _backend_module(checked.backend), dist_impl, acc, need_grad,
+    call = _Call(checked.layout, group, get_backend(checked.backend), dist_impl, acc, need_grad,
                  _transport.overlap_accumulator(image_features.device))
     return _SiglipAcrossRanks.apply(image_features, text_features, scale, bias, call)

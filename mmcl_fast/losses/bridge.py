@@ -34,7 +34,10 @@ from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
 from .. import _ops
-from .._ops import autocast_off
+from .._autocast import autocast_off
+from .._stats import rowdot
+from .._validate import as_vector
+from ..backends import resolve_backend
 from .._validate import check_same_shape, check_scalar
 from .uniformity import squared_norms
 
@@ -70,8 +73,8 @@ def _bridge_cross_entropy(query: Tensor, keys: Tensor, inv_var, key_bias, acc: t
     """mean_i [LSE_j(L_ij) - L_ii] with L_ij = inv_var_i <query_i, keys_j> + key_bias_j, on the fused primitive
     (the positives' gradients are folded into the kernel's gradient weights)."""
     n = query.shape[0]
-    scale = _ops._as_vector(inv_var, n, "t", query, acc)
-    key_bias = _ops._as_vector(key_bias, n, "t", query, acc)
+    scale = as_vector(inv_var, n, "t", query, acc)
+    key_bias = as_vector(key_bias, n, "t", query, acc)
     no_bias = torch.zeros(n, dtype=acc, device=query.device)
     row_lse, _, positive, *_ = _ops.softmax_stats(
         query, keys, scale, no_bias, key_bias, row_target=torch.arange(n, device=query.device), col_target=None,
@@ -96,7 +99,7 @@ def _contrastive_bridge_per_sample_t(augmented: Tensor, image: Tensor, text: Ten
     image_acc, text_acc = image.to(acc), text.to(acc)
     query = torch.cat([t_col * aug, s_col * aug, -0.5 * t_col * t_col, -t_col * s_col, -0.5 * s_col * s_col], dim=1)
     keys = torch.cat([image_acc, text_acc, squared_norms(image_acc)[:, None],
-                      _ops._rowdot(image_acc, text_acc, acc)[:, None], squared_norms(text_acc)[:, None]], dim=1)
+                      rowdot(image_acc, text_acc, acc)[:, None], squared_norms(text_acc)[:, None]], dim=1)
     inv_var = 1.0 / (t_col * s_col).reshape(-1)
     return _bridge_cross_entropy(query, keys, inv_var, None, acc, backend)
 
@@ -131,7 +134,7 @@ def brownian_bridge_loss(image_features: Tensor, text_features: Tensor, augmente
     acc = accumulation_dtype(image_features.dtype)
     if mode == "pairwise":
         return _pairwise_bridge(augmented_image_features, image_features, text_features, t, acc)
-    _ops.resolve_backend(backend, image_features.device, acc)  # fail early on a bad backend name
+    resolve_backend(backend, image_features.device, acc)  # fail early on a bad backend name
     if isinstance(t, Tensor) and t.dim() == 1:
         return _contrastive_bridge_per_sample_t(augmented_image_features, image_features, text_features, t, acc,
                                                 backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._ops import autocast_off
+from .._autocast import autocast_off
 from .._validate import check_features, check_labels, check_rank_world, check_scalar
 from .infonce import _infonce_from_affine, affine_logits
 

@@ -9,20 +9,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._numerics import accumulation_dtype
 from .. import _ops
-from .._ops import autocast_off
+from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
+from .._stats import rowdot
 from .._validate import check_features, check_labels, check_scalar
 
 SIMILARITIES = ("dot", "sqeuclidean")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-_rowdot = _ops._rowdot  # sum_d a[i, d] * b[i, d] in a given precision, no (N, D) temporary
 
 
 def _sq_norms(a: Tensor, acc: torch.dtype) -> Tensor:
-    return _rowdot(a, a, acc)
+    return rowdot(a, a, acc)
 
 
 class AffineLogits:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
-from .._ops import _rowdot, autocast_off
+from .._autocast import autocast_off
+from .._stats import rowdot
 from .._validate import check_same_shape
 from .infonce import infonce
 from .uniformity import _check_positive, uniformity_loss
@@ -56,8 +57,8 @@ def feature_separation_loss(image_features: Tensor, text_features: Tensor, image
     acc = accumulation_dtype(image_features.dtype)
     image_features, text_features, image_indep, text_indep, image_indep_aug, text_indep_aug = (
         z.to(acc) for z in (image_features, text_features, image_indep, text_indep, image_indep_aug, text_indep_aug))
-    ortho = (_rowdot(image_features, image_indep, acc).square().mean()
-             + _rowdot(text_features, text_indep, acc).square().mean())
+    ortho = (rowdot(image_features, image_indep, acc).square().mean()
+             + rowdot(text_features, text_indep, acc).square().mean())
     scale = 1.0 / temperature
     contrast = (infonce(image_indep, image_indep_aug, scale, symmetric=False, backend=backend)
                 + infonce(text_indep, text_indep_aug, scale, symmetric=False, backend=backend))

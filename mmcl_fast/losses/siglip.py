@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
-from .._ops import _as_vector, autocast_off, sigmoid_stats
+from .._autocast import autocast_off
+from .._ops import sigmoid_stats
+from .._validate import as_vector
 from .._validate import check_features, check_rank_world, check_scalar
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -88,8 +90,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     logit_bias = 0.0 if logit_bias is None else check_scalar(logit_bias, "logit_bias", image_features)
     pos_cols = positive_columns(positives, n, m, image_features.device)
     acc = accumulation_dtype(image_features.dtype)
-    scale = _as_vector(logit_scale, n, "logit_scale", image_features, acc)
-    row_bias = _as_vector(logit_bias, n, "logit_bias", image_features, acc)
+    scale = as_vector(logit_scale, n, "logit_scale", image_features, acc)
+    row_bias = as_vector(logit_bias, n, "logit_bias", image_features, acc)
     col_bias = torch.zeros(m, dtype=acc, device=image_features.device)
     total = sigmoid_stats(image_features, text_features, scale, row_bias, col_bias, pos_cols, backend=backend)
     return total / n

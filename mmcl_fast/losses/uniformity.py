@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype
 from .. import _ops
-from .._ops import autocast_off
+from .._autocast import autocast_off
+from .._stats import rowdot
 from .._validate import check_feature, check_scalar
 
 
@@ -31,7 +32,7 @@ class _SquaredNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        return _ops._rowdot(x, x, x.dtype)
+        return rowdot(x, x, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

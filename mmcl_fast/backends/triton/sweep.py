@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._problem import Affine, Gradients, add_into
+from ..._problem import Gradients, Problem, add_into
 
 from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
@@ -492,9 +492,9 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def lse_fwd(problem: Affine, need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
+def lse_fwd(problem: Problem, need_row: bool, need_col: bool) -> tuple[Tensor, Tensor]:
     """(row_lse (N,), col_lse (M,)) in fp32; an unneeded side comes back empty. One GEMM-equivalent."""
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
     _check_problem(x, y, scale, row_bias, col_bias)
     with _on_device(x):
         return _lse_fwd(x, y, scale, row_bias, col_bias, need_row, need_col)
@@ -600,26 +600,26 @@ def _optional(t, name: str, length: int, device, dtype=torch.float32):
     return t.contiguous(), True
 
 
-def lse_bwd(problem: Affine, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, extras=None,
+def lse_bwd(problem: Problem, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, *,
             grad_dtype=None, out=None, in_place=False):
     """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
 
-    `extras` (optional, see `_ops.Extras`): row_const, col_const, row_target + row_target_grad,
-    col_target + col_target_grad, the linear terms folded into G; empty tensors or None mean absent, as do an
-    empty LSE or LSE gradient. dx / dy come in `grad_dtype` (default: the features' dtype; float32 keeps the
+    `problem.extras` (see `_problem.Extras`): row_const, col_const, row_target + row_target_grad,
+    col_target + col_target_grad, the linear terms folded into G; an empty LSE or LSE gradient means absent. dx / dy come in `grad_dtype` (default: the features' dtype; float32 keeps the
     partial gradients of a cross-rank sum unrounded).
     Three GEMM-equivalents: the recompute of each tile of X Y^T (with da, dr, dc reduced from it), then
     dX += G Y and dY += G^T X over each staged chunk of G.
     """
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
     _check_problem(x, y, scale, row_bias, col_bias)
     with _on_device(x):
         dx, dy, dscale, drow, dcol = _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col,
-                                              extras, out[0].dtype if out is not None else (grad_dtype or x.dtype))
+                                              problem.extra_terms(),
+                                              out[0].dtype if out is not None else (grad_dtype or x.dtype))
     return (*add_into(out, dx, dy), dscale, drow, dcol)
 
 
-def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, extras, grad_dtype):
+def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_col, terms, grad_dtype):
     n, d = x.shape
     m = y.shape[0]
     device = x.device
@@ -628,15 +628,13 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
     grad_row, has_grad_row = _optional(grad_row, "grad_row", n, device)
     grad_col, has_grad_col = _optional(grad_col, "grad_col", m, device)
     has_row, has_col = has_row_lse and has_grad_row, has_col_lse and has_grad_col
-    get = (lambda name: getattr(extras, name, None))
+    get = terms.get
     row_const, has_row_const = _optional(get("row_const"), "row_const", n, device)
     col_const, has_col_const = _optional(get("col_const"), "col_const", m, device)
     row_target, has_row_target = _optional(get("row_target"), "row_target", n, device, torch.int64)
     row_target_grad, has_row_target_grad = _optional(get("row_target_grad"), "row_target_grad", n, device)
     col_target, has_col_target = _optional(get("col_target"), "col_target", m, device, torch.int64)
     col_target_grad, has_col_target_grad = _optional(get("col_target_grad"), "col_target_grad", m, device)
-    has_row_target = has_row_target and has_row_target_grad
-    has_col_target = has_col_target and has_col_target_grad
     bound_terms = [t for t, present in (
         (grad_row, has_row), (grad_col, has_col), (row_const, has_row_const), (col_const, has_col_const),
         (row_target_grad, has_row_target), (col_target_grad, has_col_target)) if present]
@@ -651,12 +649,13 @@ def _lse_bwd(x, y, scale, row_bias, col_bias, row_lse, col_lse, grad_row, grad_c
     return dx, dy, dscale, drow, dcol
 
 
-def sigmoid_loss(problem: Affine, pos_cols: Tensor, need_grad: bool, out=None, in_place=False):
+def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False):
     """(row_loss (N,), Gradients in fp32 or None) of the sigmoid loss (see `_sigmoid_epilogue`), one fused sweep.
 
-    pos_cols: (N, K) int64 positive columns per row (-1 padded). 3 GEMM-equivalents with gradients (the
+    problem.pos_cols: (N, K) int64 positive columns per row (-1 padded). 3 GEMM-equivalents with gradients (the
     similarity tile, then dX += G Y and dY += G^T X over each staged chunk of G), 1 without."""
-    x, y, scale, row_bias, col_bias = problem
+    x, y, scale, row_bias, col_bias = problem.operands
+    pos_cols = problem.pos_cols
     _check_problem(x, y, scale, row_bias, col_bias)
     n, m = x.shape[0], y.shape[0]
     if pos_cols.dtype != torch.int64 or pos_cols.dim() != 2 or pos_cols.shape[0] != n:
