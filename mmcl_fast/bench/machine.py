@@ -10,14 +10,31 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
-from .._provenance import git_commit
 from .memory import total_ram_bytes
 
 PACKAGES = ("mmcl_fast", "torch", "triton", "open_clip_torch", "inf_cl", "numpy", "rich", "matplotlib")
+
+
+def git_commit(short: bool = False) -> str | None:
+    """HEAD of the checkout mmcl_fast is imported from, with '-dirty' when tracked files have local changes; None
+    outside a git checkout (an installed wheel) or without git. short: the abbreviated hash."""
+    source_dir = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(source_dir), "rev-parse"] + (["--short"] if short else []) + ["HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", str(source_dir), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def package_version(distribution: str) -> str | None:
@@ -99,7 +116,7 @@ def matmul_shape(device: torch.device, sizes=(), dims=()) -> tuple[int, int]:
 
 
 def describe(device: torch.device, dtypes: list[str], *, sizes=(), dims=(), measure_matmul: bool = True) -> dict:
-    from .impls import DTYPES
+    from .registry import DTYPES
     n, d = matmul_shape(device, sizes, dims)
     machine = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

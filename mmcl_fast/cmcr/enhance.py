@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._numerics import accumulation_dtype
 from .._ops import affine_lse
 from .._validate import check_feature, check_features
 
@@ -82,7 +83,7 @@ def _enhance_sdpa(queries: Tensor, memory: Tensor, temperature: float) -> Tensor
 @torch.no_grad()
 def _enhance_primitive(queries: Tensor, memory: Tensor, scale: float, backend: str) -> Tensor:
     row_lse, _ = affine_lse(queries, memory, scale, need_row=True, need_col=False, backend=backend)
-    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(queries.dtype)
     n, m = queries.shape[0], memory.shape[0]
     block_cols = min(m, 4096)
     block_rows = max(1, min(n, _TILE_ELEMENTS // block_cols))
