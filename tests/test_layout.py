@@ -32,7 +32,7 @@ ALLOWED = {
     "cmcr": CORE | {"_ops", "losses"},
     "train": CORE | {"_ops", "backends", "losses", "distributed"},
     "integrations": CORE | {"_ops", "backends", "losses", "distributed", "train", "mmcl_fast"},
-    "bench": CORE | {"_ops", "backends", "losses", "distributed", "train", "mmcl_fast", "_C"},
+    "bench": CORE | {"_ops", "backends", "losses", "distributed", "train", "mmcl_fast", "_C", "cli"},
     "cli": {"backends", "bench", "mmcl_fast"},
     "__main__": {"cli"},
     "mmcl_fast": {"_ops", "losses", "distributed"},

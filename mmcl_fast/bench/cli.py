@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..backends import BACKENDS
+from ..cli.options import choice_list, int_list
 from .impls import DTYPES, LOSSES
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's text exchange schemes
@@ -27,30 +28,6 @@ _SIZE_UNITS = {"": 2**30, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb
 
 class UsageError(ValueError):
     """A bad flag value found after parsing (the message names the flag)."""
-
-
-def _int_list(flag: str):
-    def parse(text: str) -> list[int]:
-        values = []
-        for item in text.split(","):
-            item = item.strip()
-            if not re.fullmatch(r"\d+", item) or int(item) < 1:
-                raise argparse.ArgumentTypeError(
-                    f"{flag} takes comma-separated positive integers, e.g. 1024,4096; got {text!r}")
-            values.append(int(item))
-        return values
-    return parse
-
-
-def _choice_list(flag: str, choices):
-    def parse(text: str) -> list[str]:
-        values = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [v for v in values if v not in choices]
-        if unknown or not values:
-            raise argparse.ArgumentTypeError(
-                f"unknown {flag} {', '.join(map(repr, unknown)) or repr(text)}; choose from: {', '.join(choices)}")
-        return values
-    return parse
 
 
 def parse_mem_budget(text: str) -> int:
@@ -75,15 +52,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench-out", help="output directory (created if missing)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: cuda when a GPU is available, else cpu")
-    parser.add_argument("--loss", default=["clip"], type=_choice_list("--loss", LOSSES), metavar="|".join(LOSSES),
+    parser.add_argument("--loss", default=["clip"], type=choice_list(LOSSES), metavar="|".join(LOSSES),
                         help="loss(es) to benchmark, comma-separated (`mmcl-fast info` lists each loss's impls)")
     parser.add_argument("--impls", default=None, metavar="NAME,...",
                         help="implementations to compare (default: all that run on the device)")
-    parser.add_argument("--sizes", type=_int_list("--sizes"), default=None, metavar="N,N,...",
+    parser.add_argument("--sizes", type=int_list("1024,4096", "positive integers", minimum=1), default=None, metavar="N,N,...",
                         help="batch sizes (default: 1024..16384 on CPU; --full: the long sweep)")
-    parser.add_argument("--dim", type=_int_list("--dim"), default=None, metavar="D[,D...]",
+    parser.add_argument("--dim", type=int_list("512,1024", "positive integers", minimum=1), default=None, metavar="D[,D...]",
                         help="feature size(s) (default 512)")
-    parser.add_argument("--dtype", type=_choice_list("--dtype", DTYPES), default=None, metavar="|".join(DTYPES),
+    parser.add_argument("--dtype", type=choice_list(DTYPES), default=None, metavar="|".join(DTYPES),
                         help="feature dtype(s), comma-separated (default: fp32,bf16 on CPU, bf16 on CUDA)")
     parser.add_argument("--full", action="store_true",
                         help="the long sweep: CPU N up to 32768 and D in {512, 1024}; CUDA N in {8192, 32768, "
@@ -168,8 +145,9 @@ def build_config(args: argparse.Namespace):
         impls = [name.strip() for name in args.impls.split(",") if name.strip()]
         if not impls:
             raise UsageError("--impls: give at least one implementation name")
-    config = BenchConfig(out=Path(args.out), device=device, losses=args.loss, impls=impls, sizes=args.sizes,
-                         dims=args.dim, dtypes=args.dtype, full=args.full, mem_budget_bytes=args.mem_budget,
+    config = BenchConfig(out=Path(args.out), device=device, losses=args.loss, impls=impls,
+                         sizes=list(args.sizes) if args.sizes else None, dims=list(args.dim) if args.dim else None,
+                         dtypes=args.dtype, full=args.full, mem_budget_bytes=args.mem_budget,
                          repeats=args.repeats, backend=args.backend, seed=args.seed, threads=args.threads,
                          plots=not args.no_plot, time_budget_s=args.time_budget, world_size=world,
                          dist_impl=args.dist_impl)
