@@ -6,21 +6,19 @@ import importlib
 import sys
 
 # subcommand name -> module exposing `register(subparsers)`; the registered parser sets `func(args) -> int`.
+# (The studies and the examples are not subcommands: they live beside the package, `python -m studies.misalign`.)
 SUBCOMMANDS = {
     "bench": "mmcl_fast.bench.cli",
     "info": "mmcl_fast.bench.info",
-    "misalign": "mmcl_fast.misalign.cli",
-    "cmcr": "mmcl_fast.cmcr.cli",
-    "train": "mmcl_fast.train.cli",
 }
 # The extra that brings each subcommand's optional dependencies (pyproject.toml); the core needs none of them.
-EXTRAS = {"bench": "bench", "info": None, "misalign": "study", "cmcr": "study", "train": "train"}
+EXTRAS = {"bench": "bench", "info": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     parser = argparse.ArgumentParser(
-        prog="mmcl-fast", description="Exact, memory-efficient multimodal contrastive losses: benchmarks and studies.")
+        prog="mmcl-fast", description="Exact, memory-efficient multimodal contrastive losses: benchmarks and info.")
     parser.add_argument("--version", action="version", version=f"mmcl-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, module_name in SUBCOMMANDS.items():
