@@ -1,4 +1,4 @@
-// Fused streamed log-sum-exp over an affine similarity, forward and backward (SPEC §1), CPU.
+// Fused streamed log-sum-exp over an affine similarity, forward and backward (docs/design.md#fused-primitive), CPU.
 //
 //   L_ij = scale_i * <x_i, y_j> + row_bias_i + col_bias_j
 //   forward:  row_lse_i = log sum_j exp(L_ij),  col_lse_j = log sum_i exp(L_ij)       (one sweep over tiles)

@@ -1,4 +1,5 @@
-// Fused sigmoid (SigLIP) loss over an affine similarity, forward and backward in one sweep (SPEC §8), CPU.
+// Fused sigmoid (SigLIP) loss over an affine similarity, forward and backward in one sweep, CPU
+// (docs/design.md#siglip).
 //
 //   L_ij = scale_i * <x_i, y_j> + row_bias_i + col_bias_j,   z_ij = +1 for a positive pair, -1 otherwise
 //   loss terms:  row_loss_i = sum_j softplus(-z_ij L_ij)  (= -sum_j log sigmoid(z_ij L_ij))

@@ -1,5 +1,5 @@
-// The tile sweep shared by every fused CPU kernel (SPEC §1): similarity tiles S = X_I Y_J^T produced by a
-// register-blocked micro-kernel, handed to an epilogue while they sit in L2, and the two gradient GEMMs
+// The tile sweep shared by every fused CPU kernel (docs/design.md#fused-primitive): similarity tiles S = X_I Y_J^T
+// produced by a register-blocked micro-kernel, handed to an epilogue while they sit in L2, and the two gradient GEMMs
 // dX_I += G' Y_J, dY_J += G'^T X_I over a tile of gradient weights G' that the epilogue wrote in place of S.
 //
 // An epilogue is a callable `consume(scratch, i0, mc, j0, nc)` that turns one tile of similarities into its own

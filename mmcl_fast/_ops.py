@@ -1,5 +1,5 @@
-"""The custom ops of the fused primitive (SPEC §1), registered with `torch.library`, and the entry points the losses
-call (`affine_lse`, public; `softmax_stats`, `sigmoid_stats`).
+"""The custom ops of the fused primitive (docs/design.md#fused-primitive), registered with `torch.library`, and the
+entry points the losses call (`affine_lse`, public; `softmax_stats`, `sigmoid_stats`).
 
 Every loss in mmcl_fast is assembled from one primitive over the affine similarity
 

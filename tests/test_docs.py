@@ -98,3 +98,53 @@ def test_mkdocs_builds_strictly(tmp_path):
                   timeout=600)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
     assert (tmp_path / "site" / "design" / "index.html").is_file()
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a docs page: explicit `{#id}` attributes and the slugs of headings without one."""
+    found = set()
+    for line in page.read_text().splitlines():
+        if not line.startswith("#"):
+            continue
+        explicit = re.search(r"\{#([\w-]+)\}", line)
+        if explicit:
+            found.add(explicit.group(1))
+        else:
+            title = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\s-]", "", title).strip().replace(" ", "-"))
+    return found
+
+
+SOURCE_DIRS = ("mmcl_fast", "csrc", "tests", "benchmarks", "studies", "examples", ".ci")
+SOURCE_SUFFIXES = {".py", ".h", ".cpp", ".txt", ".toml", ""}
+
+
+def _sources():
+    for folder in SOURCE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.is_file() and path.suffix in SOURCE_SUFFIXES and "results" not in path.parts:
+                yield path
+
+
+def test_every_docs_reference_in_the_code_has_a_target():
+    """Code and comments cite the design notes as docs/<page>.md#<anchor> (with more anchors of the same page after
+    a comma as #<anchor>): each page and anchor must exist."""
+    missing = []
+    for path in _sources():
+        for match in re.finditer(r"docs/([\w/-]+\.md)((?:#[\w-]+)?(?:,\s*#[\w-]+)*)", path.read_text(errors="ignore")):
+            page = DOCS / match.group(1)
+            where = f"{path.relative_to(ROOT)}: {match.group(0)}"
+            if not page.is_file():
+                missing.append(where)
+                continue
+            wanted = re.findall(r"#([\w-]+)", match.group(2))
+            if any(anchor not in _anchors(page) for anchor in wanted):
+                missing.append(where)
+    assert not missing, "references to docs pages or anchors that do not exist:\n" + "\n".join(missing)
+
+
+def test_no_code_cites_the_internal_spec():
+    word = "SP" + "EC"
+    cited = [str(p.relative_to(ROOT)) for p in _sources() if p != Path(__file__).resolve()
+             and re.search(rf"\b{word}\b", p.read_text(errors="ignore"))]
+    assert not cited, f"these files cite {word}, a document outside the repository; link docs/ instead: {cited}"

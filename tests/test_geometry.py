@@ -29,7 +29,8 @@ def _views(n, d, dtype, noise=1.0, with_aug=True):
 
 
 def dense_gc(image, text, image_aug=None, text_aug=None):
-    """L_GC (+ L^a_GC) exactly as SPEC §3 writes them: double sums over (j, k) of squared inner-product gaps."""
+    """L_GC (+ L^a_GC) exactly as docs/design.md#geometric-consistency writes them: double sums over (j, k) of
+    squared inner-product gaps."""
     n = image.shape[0]
     image_text = image @ text.T  # [j, k] = <v_j, w_k>
     loss = ((image_text - image_text.T) ** 2).sum() + ((image @ image.T - text @ text.T) ** 2).sum()

@@ -1,4 +1,4 @@
-"""Tolerances, per input dtype, in one place (see DEVELOPERS.md / SPEC).
+"""Tolerances, per input dtype, in one place (docs/design.md#precision).
 
 Relative error is measured against the float64 reference on the same (rounded) inputs as
 max|actual - expected| / max|expected|: a single bad entry fails the test.

@@ -24,7 +24,7 @@ using mmcl::kF32;
 
 const char* dtype_name(int dtype) { return dtype == kF32 ? "fp32" : dtype == kBF16 ? "bf16" : "fp16"; }
 
-// Tolerances (SPEC / tests/tolerances.py): fp32 math on the rounded inputs is good to 1e-5 relative for every
+// Tolerances (docs/design.md#precision, tests/tolerances.py): fp32 math on the rounded inputs is good to 1e-5 relative for every
 // fp32 output; feature gradients of 16-bit inputs are rounded once to the input dtype.
 constexpr double kF32Rtol = 1e-5;
 constexpr double kHalfGradRtol = 4e-3;

@@ -1,4 +1,4 @@
-"""The `torch` backend: the streamed-LSE primitive of SPEC §1 on plain torch ops, on any device torch supports.
+"""The `torch` backend: the streamed-LSE primitive of docs/design.md#fused-primitive on plain torch ops, on any device torch supports.
 
 Portable and exact where no compiled kernel exists (CUDA without Triton, ROCm, MPS, XPU, a CPU whose compiled core
 failed to build), and the blocked, memory-bounded path for float64. The logits are visited in tiles of a block of

@@ -28,7 +28,7 @@ def lse_fwd(problem: Problem, need_row: bool, need_col: bool):
 
 
 def gradient_weights(logits, row_lse, col_lse, grad_row, grad_col, terms=None):
-    """The dense G_ij of SPEC §1 (softmax terms plus the folded linear terms: `Problem.extra_terms()`)."""
+    """The dense G_ij of docs/design.md#gradient-weights (softmax terms plus the folded linear terms: `Problem.extra_terms()`)."""
     acc = logits.dtype
     g = torch.zeros_like(logits)
     if row_lse.numel() and grad_row.numel():

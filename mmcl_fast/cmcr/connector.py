@@ -1,4 +1,5 @@
-"""C-MCR (Wang et al., NeurIPS 2023; SPEC §4): connect two frozen contrastive spaces through the modality they share.
+"""C-MCR (Wang et al., NeurIPS 2023; docs/design.md#cmcr): connect two frozen contrastive spaces through the
+modality they share.
 
 Space 1 embeds modalities A and B, space 2 embeds B and C (CLIP: image–text, CLAP: text–audio, B = text). From B
 samples alone, plus unpaired memories of A (in space 1) and C (in space 2), C-MCR trains one projector per space so

@@ -1,4 +1,4 @@
-"""C-MCR's semantic enhancement (SPEC §4), streamed: no N x M buffer at any size.
+"""C-MCR's semantic enhancement (docs/design.md#cmcr), streamed: no N x M buffer at any size.
 
 Inter-modality enhancement replaces each query embedding (the shared modality, e.g. a caption in CLIP space) by a
 softmax-weighted mix of a memory of the *other* modality's embeddings in the same space:

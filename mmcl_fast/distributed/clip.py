@@ -46,8 +46,8 @@ from . import _transport
 from ._checks import Layout, as_scalar_tensor, exchange_and_check
 
 CLIP_DIST_IMPLS = ("ring", "gather")
-# Measured (CPU, gloo, W = 4, N_local = 2048, D = 1024 fp32; docs in README "Distributed"): the ring's step time is
-# within a few percent of gather's while its per-rank memory stays flat in W, so it is the default.
+# Measured (CPU, gloo, W = 4, N_local = 2048, D = 1024 fp32; docs/benchmarks.md#distributed): the ring's step time
+# is within a few percent of gather's while its per-rank memory stays flat in W, so it is the default.
 DEFAULT_CLIP_DIST_IMPL = "ring"
 
 

@@ -1,4 +1,5 @@
-"""Brownian-bridge losses (SPEC §3): the augmented view of an image must lie on the bridge to its caption.
+"""Brownian-bridge losses (docs/design.md#brownian-bridge): the augmented view of an image must lie on the bridge
+to its caption.
 
 Jiang et al., "Understanding and Constructing Latent Modality Structures in Multi-modal Representation
 Learning" (CVPR 2023), with the batch-contrastive form of Wang et al., "Language Modeling via Stochastic

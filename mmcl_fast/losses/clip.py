@@ -1,4 +1,5 @@
-"""CLIP / symmetric InfoNCE (SPEC §2): `clip_loss` and `ClipLoss`, an exact drop-in for open_clip's ClipLoss."""
+"""CLIP / symmetric InfoNCE (docs/design.md#clip): `clip_loss` and `ClipLoss`, an exact drop-in for open_clip's
+ClipLoss."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Geometric-consistency losses (SPEC §3, Jiang et al. CVPR 2023), exact in O(N*D^2) time and O(D^2) memory.
+"""Geometric-consistency losses (docs/design.md#geometric-consistency, Jiang et al. CVPR 2023), exact in O(N*D^2)
+time and O(D^2) memory.
 
     L_GC   = (1/N) sum_jk [(<v_j,w_k> - <v_k,w_j>)^2 + (<v_j,v_k> - <w_j,w_k>)^2]
     L^a_GC = (1/N) sum_jk [(<v_j,v_k> - <a_j,a_k>)^2 + (<w_j,w_k> - <b_j,b_k>)^2]

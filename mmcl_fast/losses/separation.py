@@ -1,4 +1,4 @@
-"""Deep feature-separation loss (SPEC §3, Jiang et al. CVPR 2023).
+"""Deep feature-separation loss (docs/design.md#feature-separation, Jiang et al. CVPR 2023).
 
 Extra heads give "independent" features z^i_V, z^i_T that should carry what the shared (contrastive) features
 z_V, z_T do not. With z^{i,a} the independent features of an augmented view:

@@ -1,4 +1,5 @@
-"""SigLIP, the sigmoid contrastive loss (SPEC §8): `siglip_loss` and `SigLipLoss`, an exact drop-in for open_clip's.
+"""SigLIP, the sigmoid contrastive loss (docs/design.md#siglip): `siglip_loss` and `SigLipLoss`, an exact drop-in
+for open_clip's.
 
     L_ij = s <x_i, y_j> + b,   z_ij = +1 for a positive pair (default i == j), -1 otherwise
     loss = -(1/N) sum_ij log sigmoid(z_ij L_ij)          (N = number of images, open_clip's normalisation)

@@ -57,8 +57,8 @@ def _check_positive(value, name: str, like: Tensor):
 def uniformity_loss(x: Tensor, t=2.0, *, backend: str = "auto") -> Tensor:
     """Uniformity of features on the sphere: log of the mean over all N^2 pairs of exp(-t ||x_j - x_k||^2).
 
-    The mean runs over all N^2 ordered pairs, the diagonal (j = k, distance 0) included, as SPEC §3 specifies
-    for L^i_Uni (Jiang et al. print 1/N, a misprint for the pair mean of the Wang & Isola loss they cite; Wang &
+    The mean runs over all N^2 ordered pairs, the diagonal (j = k, distance 0) included, as docs/design.md#uniformity
+    specifies for L^i_Uni (Jiang et al. print 1/N, a misprint for the pair mean of the Wang & Isola loss they cite; Wang &
     Isola's reference code averages over the N(N-1)/2 distinct pairs instead, which differs by the diagonal).
 
     Args:

@@ -1,4 +1,5 @@
-"""Gradient-cached contrastive steps (SPEC §9): the batch is capped by the loss's O(N·D), not by the encoders.
+"""Gradient-cached contrastive steps (docs/design.md#gradient-caching): the batch is capped by the loss's O(N·D),
+not by the encoders.
 
     pass 1  (no autograd)  for each chunk k: record the RNG state, encode images_k then texts_k → cached features
     loss    (once)         L = loss_fn(X, Y, s[, b]) on detached copies; backward gives dL/dX, dL/dY, dL/ds, dL/db

@@ -1,5 +1,6 @@
-"""Triton kernels of the fused primitive (SPEC §1, §8): row/column LSE forward, and one chunked tile sweep whose
-epilogue turns each similarity tile into gradient weights: the LSE backward's (below) or the sigmoid loss's.
+"""Triton kernels of the fused primitive (docs/design.md#fused-primitive, #siglip): row/column LSE forward, and one
+chunked tile sweep whose epilogue turns each similarity tile into gradient weights: the LSE backward's (below) or the
+sigmoid loss's.
 
 The sweep (`_sweep`, `_grad_tile_kernel`) is shared: each tile of X Y^T is computed once, an epilogue
 (`_lse_epilogue`, `_sigmoid_epilogue`) makes its gradient weights G (and, for the sigmoid, its loss terms), G is
@@ -602,11 +603,12 @@ def _optional(t, name: str, length: int, device, dtype=torch.float32):
 
 def lse_bwd(problem: Problem, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor, *,
             grad_dtype=None, out=None, in_place=False):
-    """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of SPEC §1 (see `_grad_tile_kernel`).
+    """(dx, dy, dscale, drow_bias, dcol_bias) for the gradient weights G of docs/design.md#gradient-weights (see
+    `_grad_tile_kernel`).
 
-    `problem.extras` (see `_problem.Extras`): row_const, col_const, row_target + row_target_grad,
-    col_target + col_target_grad, the linear terms folded into G; an empty LSE or LSE gradient means absent. dx / dy come in `grad_dtype` (default: the features' dtype; float32 keeps the
-    partial gradients of a cross-rank sum unrounded).
+    `problem.extras` (see `_problem.Extras`): row_const, col_const, row_target + row_target_grad, col_target +
+    col_target_grad, the linear terms folded into G; an empty LSE or LSE gradient means absent. dx / dy come in
+    `grad_dtype` (default: the features' dtype; float32 keeps the partial gradients of a cross-rank sum unrounded).
     Three GEMM-equivalents: the recompute of each tile of X Y^T (with da, dr, dc reduced from it), then
     dX += G Y and dY += G^T X over each staged chunk of G.
     """

@@ -1,4 +1,5 @@
-"""Latent-modality-structure losses (Jiang et al., CVPR 2023; SPEC §3), mmcl_fast vs the dense PyTorch formulas.
+"""Latent-modality-structure losses (Jiang et al., CVPR 2023; docs/design.md#latent-structures), mmcl_fast vs the
+dense PyTorch formulas.
 
 open_clip has none of these losses, so the anchor of each is `dense`: what one writes from the paper's formulas
 (N x N Gram and distance matrices, `cross_entropy`). Every loss gets unit-norm features (augmented views near
@@ -143,7 +144,7 @@ def _separation_reference(inputs: dict, params: dict) -> float:
 
 
 def _geometry_reference(inputs: dict, params: dict) -> float:
-    """L_GC + L^a_GC in float64 through D x D Grams (SPEC §3), accumulated over row blocks:
+    """L_GC + L^a_GC in float64 through D x D Grams (docs/design.md#geometric-consistency), accumulated over row blocks:
 
         sum_jk (<v_j,w_k> - <v_k,w_j>)^2 = 2 <V'V, W'W> - 2 tr((V'W)^2)
         ||V V' - W W'||_F^2 = ||V'V||^2 - 2 ||V'W||^2 + ||W'W||^2      (and the same for (V, A), (W, B))
