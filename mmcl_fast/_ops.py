@@ -183,9 +183,13 @@ def affine_lse(x: Tensor, y: Tensor, scale=1.0, row_bias=None, col_bias=None, *,
     """Row and column log-sum-exp of ``L = scale_i * <x_i, y_j> + row_bias_i + col_bias_j``, exact, never N x M.
 
     Args:
-        x: (N, D) features; y: (M, D) features of the same dtype and device.
-        scale: float, 0-d tensor or (N,) tensor (per-row scale). row_bias: (N,) or scalar; col_bias: (M,) or scalar.
-        need_row / need_col: which LSE to compute (the other comes back as an empty tensor).
+        x: (N, D) features.
+        y: (M, D) features of the same dtype and device.
+        scale: float, 0-d tensor or (N,) tensor (per-row scale).
+        row_bias: (N,) tensor or scalar.
+        col_bias: (M,) tensor or scalar.
+        need_row: compute the row LSE (else it comes back as an empty tensor).
+        need_col: compute the column LSE (else it comes back as an empty tensor).
         backend: "auto" | "reference" | "torch" | "cpu" | "triton".
 
     Returns:

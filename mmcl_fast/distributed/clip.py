@@ -275,10 +275,12 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     label_smoothing), never materialising N x M or N_local x M.
 
     Args:
-        image_features, text_features: this rank's (n_r, D) and (m_r, D) features. D, dtype and device type must
-            match across ranks (a mismatch raises the same error on every rank instead of hanging).
+        image_features: this rank's (n_r, D) image features. D, dtype and device type must match across ranks
+            (a mismatch raises the same error on every rank instead of hanging).
+        text_features: this rank's (m_r, D) text features, under the same rule.
         logit_scale: already-exponentiated scale, float or 0-d tensor (the same value on every rank, e.g. a
-            DDP-replicated parameter; checked). logit_bias: optional float or 0-d tensor (the same on every rank).
+            DDP-replicated parameter; checked).
+        logit_bias: optional float or 0-d tensor (the same on every rank).
         image_labels: (n_r,) global index, into the concatenated captions, of each local image's caption; default:
             the diagonal (global image i <-> global caption i, which needs n_r == m_r on every rank).
         text_labels: (m_r,) global index, into the concatenated images, of each local caption's image; default: the

@@ -190,7 +190,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     Args:
         equal_batches: promise the same local batch size on every rank and call (checked once per (group, shapes,
             configuration); no host synchronisation before the loss's collectives afterwards).
-        group, rank, world_size, backend: as in `mmcl_fast.distributed.clip_loss`.
+        group: as in `mmcl_fast.distributed.clip_loss`.
+        rank: as in `mmcl_fast.distributed.clip_loss`.
+        world_size: as in `mmcl_fast.distributed.clip_loss`.
+        backend: as in `mmcl_fast.distributed.clip_loss`.
 
     Gradient semantics (DDP): as `clip_loss`: after every rank runs ``(loss_r / W).backward()`` (what DDP's gradient
     averaging amounts to), each rank's feature gradients equal the single-process gradients dL/d(its rows), and the

@@ -240,7 +240,8 @@ def model_loss(model, batch, *, world_size: int | None = None, rank: int | None 
         world_size: 1 for the loss of this process's batch; > 1 for the loss of the batch concatenated across the
             ranks of `group` (every rank calls it with its own pairs; needs torch.distributed initialised). None:
             the group's size if torch.distributed is initialised, else 1.
-        rank, group: the process group (default: the global one) and this process's rank in it (checked).
+        rank: this process's rank in `group` (checked).
+        group: the process group (default: the global one).
         backend: the loss's backend ("auto", or a name as in `mmcl_fast.clip_loss`).
 
     Returns:
@@ -272,7 +273,10 @@ def grad_cached_step(model, pixel_values, text_batch, loss_fn=None, chunk_size: 
             normalised features; default: the loss of `model_loss` (`mmcl_fast.clip_loss` for CLIPModel,
             `mmcl_fast.siglip_loss` for SigLIP, their distributed forms across ranks).
         chunk_size: rows per encoder call (required), or a pair (image rows, text rows).
-        world_size, rank, group, backend: the default loss's, as in `model_loss` (unused with a `loss_fn`).
+        world_size: the default loss's, as in `model_loss` (unused with a `loss_fn`).
+        rank: as in `model_loss` (unused with a `loss_fn`).
+        group: as in `model_loss` (unused with a `loss_fn`).
+        backend: as in `model_loss` (unused with a `loss_fn`).
         step_kwargs: autocast, scaler, loss_kwargs, check_replay of `mmcl_fast.train.grad_cached_step`.
 
     Returns:

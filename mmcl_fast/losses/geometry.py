@@ -137,14 +137,16 @@ def geometric_consistency_loss(image_features: Tensor, text_features: Tensor, im
 
     L_GC keeps the image-text similarity structure symmetric and the image-image and text-text structures equal;
     L^a_GC keeps each modality's structure, and each pair's image-text similarity, stable under augmentation
-    (formulas in the module docstring). Exact, in O(N*D^2) time through D x D Gram matrices accumulated in float64,
-    O(D^2 + N) extra memory: no N x N matrix, and full accuracy when image and text are nearly aligned (loss ~ 0).
+    (formulas: docs/design.md#geometric-consistency). Exact, in O(N*D^2) time through D x D Gram matrices accumulated
+    in float64, O(D^2 + N) extra memory: no N x N matrix, and full accuracy when image and text are nearly aligned
+    (loss ~ 0). Any floating dtype (bf16/fp16 blocks are widened to float64 one block at a time); gradients come back
+    in the features' dtype.
 
     Args:
-        image_features: (N, D) image features z_V. text_features: (N, D) paired text features z_T.
-        image_aug, text_aug: optional (N, D) features of augmented views z^a_V, z^a_T; give both or neither.
-        Any floating dtype (bf16/fp16 blocks are widened to float64 one block at a time); gradients come back in
-        the features' dtype.
+        image_features: (N, D) image features z_V.
+        text_features: (N, D) paired text features z_T.
+        image_aug: optional (N, D) features of augmented images z^a_V; give both augmented views or neither.
+        text_aug: optional (N, D) features of augmented texts z^a_T.
 
     Returns:
         0-d tensor L_GC (+ L^a_GC), float32 (float64 for float64 features).

@@ -34,9 +34,12 @@ def feature_separation_loss(image_features: Tensor, text_features: Tensor, image
     """L_Sep = L_Ortho + L^i_Con + L^i_Uni of Jiang et al. (CVPR 2023); see the module docstring for the terms.
 
     Args:
-        image_features, text_features: (N, D_V) and (N, D_T) shared features z_V, z_T.
-        image_indep, text_indep: independent features z^i_V (N, D_V) and z^i_T (N, D_T).
-        image_indep_aug, text_indep_aug: the augmented view's independent features, same shapes.
+        image_features: (N, D_V) shared image features z_V.
+        text_features: (N, D_T) shared text features z_T.
+        image_indep: (N, D_V) independent image features z^i_V.
+        text_indep: (N, D_T) independent text features z^i_T.
+        image_indep_aug: the augmented view's independent image features, (N, D_V).
+        text_indep_aug: the augmented view's independent text features, (N, D_T).
         temperature: tau of the intra-modal InfoNCE (default 0.07): positive float or 0-d tensor (may need grad).
         t: temperature of the uniformity terms (default 2; the mean runs over all N^2 pairs, see
             `uniformity_loss`).

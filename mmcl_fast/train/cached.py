@@ -265,7 +265,8 @@ def grad_cached_step(model, images: Tensor, texts: Tensor, loss_fn: Callable, ch
             None for a tower that has no chunk in a call, and all chunks but the last run without gradient
             synchronisation); or a pair ``(image_encoder, text_encoder)`` of callables (modules, DDP / FSDP
             modules), whose outputs go to the loss as they are.
-        images, texts: the batch, N pairs along dim 0: tensors, or mappings of tensors (e.g. a tokenizer's
+        images: the batch's images, N along dim 0: a tensor, or a mapping of tensors, sliced row-wise per chunk.
+        texts: the batch's texts, N along dim 0: a tensor, or a mapping of tensors (e.g. a tokenizer's
             BatchEncoding with input_ids and attention_mask), sliced row-wise for each chunk.
         loss_fn: called once as ``loss_fn(image_features, text_features, logit_scale[, logit_bias],
             **loss_kwargs)`` with ``logit_scale`` exponentiated (open_clip convention); returns a tensor or a
@@ -273,8 +274,9 @@ def grad_cached_step(model, images: Tensor, texts: Tensor, loss_fn: Callable, ch
             their distributed forms (the loss then sees this rank's rows, as in a plain DDP step).
         chunk_size: rows per encoder call (peak activation memory is one chunk's), or a pair (image rows, text
             rows) when the towers' activations differ in size.
-        logit_scale, logit_bias: only with a pair of encoders: what the loss receives (a float, or a tensor, e.g.
+        logit_scale: only with a pair of encoders: what the loss receives (a float, or a tensor, e.g.
             ``raw_scale.exp()``, whose graph gets the gradient).
+        logit_bias: only with a pair of encoders: the loss's bias (a float or a tensor), or None.
         autocast: a factory of the context to encode and compute the loss in, e.g.
             ``functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)`` (an ambient autocast works too).
         scaler: a ``torch.amp.GradScaler``: gradients are those of ``scaler.scale(loss)``.
