@@ -25,7 +25,7 @@ ALLOWED = {
     "_autocast": set(),
     "_stats": {"_numerics"},
     "_validate": {"_numerics", "_problem"},
-    "backends": {"_C", "_numerics", "_problem"},
+    "backends": {"_C", "_numerics", "_problem", "_validate"},
     "_ops": CORE | {"backends"},
     "distributed": CORE | {"backends"},
     "losses": CORE | {"_ops", "backends", "distributed"},

@@ -10,7 +10,6 @@ SigLipLoss.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import traceback

@@ -394,7 +394,7 @@ def _problem(n=4, m=5, d=3, dtype=torch.float32):
     (lambda p: (p[0].double(), p[1].double()) + p[2:], TypeError, "float32/bfloat16/float16 x"),
     (lambda p: (p[0], p[1].half()) + p[2:], TypeError, "x and y must have the same dtype"),
     (lambda p: (p[0], p[1][:, :2]) + p[2:], ValueError, "same feature size"),
-    (lambda p: (p[0][0], p[1]) + p[2:], ValueError, "x must be a non-empty 2-D"),
+    (lambda p: (p[0][0], p[1]) + p[2:], ValueError, "x must be a 2-D"),
     (lambda p: (p[0].T.contiguous().T, p[1]) + p[2:], ValueError, "x must have unit stride"),
     (lambda p: p[:2] + (torch.ones(3),) + p[3:], ValueError, r"scale must have shape \(4,\)"),
     (lambda p: p[:3] + (torch.zeros(4, dtype=torch.float64), p[4]), TypeError, "row_bias must be float32"),

@@ -39,13 +39,36 @@ MAX_BLOCK_COLS = {"cpu": 4096}
 DEFAULT_MAX_BLOCK_COLS = 16384
 
 
-def _tiles(n: int, m: int, device: torch.device):
-    """(i0, i1, j0, j1) of every tile, column block outer (each column block is converted once)."""
-    cols = min(m, MAX_BLOCK_COLS.get(device.type, DEFAULT_MAX_BLOCK_COLS))
-    rows = max(1, min(n, tile_elements(device) // cols))
+def _tiles(x: Tensor, y: Tensor, acc: torch.dtype):
+    """(i0, i1, j0, j1, x_blk, y_blk) of every tile, the blocks in `acc`; column block outer (each column block is
+    converted once)."""
+    n, m = x.shape[0], y.shape[0]
+    cols = min(m, MAX_BLOCK_COLS.get(x.device.type, DEFAULT_MAX_BLOCK_COLS))
+    rows = max(1, min(n, tile_elements(x.device) // cols))
     for j0 in range(0, m, cols):
+        j1 = min(j0 + cols, m)
+        y_blk = y[j0:j1].to(acc)
         for i0 in range(0, n, rows):
-            yield i0, min(i0 + rows, n), j0, min(j0 + cols, m)
+            i1 = min(i0 + rows, n)
+            yield i0, i1, j0, j1, x[i0:i1].to(acc), y_blk
+
+
+def _zero_gradients(x: Tensor, y: Tensor, acc: torch.dtype) -> Gradients:
+    n, m = x.shape[0], y.shape[0]
+    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=x.device)  # noqa: E731
+    return Gradients(zeros(*x.shape), zeros(*y.shape), zeros(n), zeros(n), zeros(m))
+
+
+def _add_tile_gradients(grads: Gradients, g: Tensor, sim: Tensor, scale: Tensor, x_blk: Tensor, y_blk: Tensor,
+                        i0: int, i1: int, j0: int, j1: int) -> None:
+    """The gradients of one tile of gradient weights G (consumed: scaled in place): dscale += rowdot(G, S), drow +=
+    G 1, dcol += G^T 1, dX += (a G) Y, dY += (a G)^T X."""
+    grads.dscale[i0:i1] += batched_dot(g, sim, g.dtype)  # row dots, no tile temporary
+    grads.drow_bias[i0:i1] += g.sum(1)
+    grads.dcol_bias[j0:j1] += g.sum(0)
+    g.mul_(scale[i0:i1, None].to(g.dtype))
+    grads.dx[i0:i1].addmm_(g, y_blk)
+    grads.dy[j0:j1].addmm_(g.T, x_blk)
 
 
 def _logits(x_blk, y_blk, scale, row_bias, col_bias, keep_sim: bool):
@@ -77,11 +100,8 @@ def lse_fwd(problem: Problem, need_row: bool, need_col: bool):
     row_sum = torch.zeros_like(row_max)
     col_max = torch.full((m if need_col else 0,), float("-inf"), dtype=acc, device=x.device)
     col_sum = torch.zeros_like(col_max)
-    y_blk, y_range = None, None
-    for i0, i1, j0, j1 in _tiles(n, m, x.device):
-        if y_range != (j0, j1):
-            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
-        _, logits = _logits(x[i0:i1].to(acc), y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=False)
+    for i0, i1, j0, j1, x_blk, y_blk in _tiles(x, y, acc):
+        _, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=False)
         if need_row:
             _online_update(row_max[i0:i1], row_sum[i0:i1], logits, 1, consume=not need_col)
         if need_col:
@@ -107,22 +127,13 @@ def lse_bwd(problem: Problem, row_lse, col_lse, grad_row, grad_col, *, grad_dtyp
     grad_dtype = out[0].dtype if out is not None else grad_dtype
     x, y, scale, row_bias, col_bias = problem.operands
     acc = accumulation_dtype(x.dtype)
-    n, m = x.shape[0], y.shape[0]
     use_row = row_lse.numel() > 0 and grad_row.numel() > 0
     use_col = col_lse.numel() > 0 and grad_col.numel() > 0
     terms = problem.extra_terms()
     row_const, col_const = terms.get("row_const"), terms.get("col_const")
     row_target, col_target = terms.get("row_target"), terms.get("col_target")
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
-    dscale = torch.zeros(n, dtype=acc, device=x.device)
-    drow = torch.zeros(n, dtype=acc, device=x.device)
-    dcol = torch.zeros(m, dtype=acc, device=x.device)
-    y_blk, y_range = None, None
-    for i0, i1, j0, j1 in _tiles(n, m, x.device):
-        if y_range != (j0, j1):
-            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
-        x_blk = x[i0:i1].to(acc)
+    grads = _zero_gradients(x, y, acc)
+    for i0, i1, j0, j1, x_blk, y_blk in _tiles(x, y, acc):
         sim, logits = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=True)
         # G in at most one more tile: the column term is built in a new tile, the row term in place of the logits
         if use_col:
@@ -142,15 +153,10 @@ def lse_bwd(problem: Problem, row_lse, col_lse, grad_row, grad_col, *, grad_dtyp
             _add_targets(g, row_target[i0:i1], terms["row_target_grad"][i0:i1], j0, 1)
         if col_target is not None:
             _add_targets(g, col_target[j0:j1], terms["col_target_grad"][j0:j1], i0, 0)
-        dscale[i0:i1] += batched_dot(g, sim, acc)  # row dots, no tile temporary
-        del sim
-        drow[i0:i1] += g.sum(1)
-        dcol[j0:j1] += g.sum(0)
-        g.mul_(scale[i0:i1, None].to(acc))
-        dx[i0:i1].addmm_(g, y_blk)
-        dy[j0:j1].addmm_(g.T, x_blk)
-    return (*add_into(out, dx.to(grad_dtype or x.dtype), dy.to(grad_dtype or y.dtype)), dscale.to(scale.dtype),
-            drow.to(row_bias.dtype), dcol.to(col_bias.dtype))
+        _add_tile_gradients(grads, g, sim, scale, x_blk, y_blk, i0, i1, j0, j1)
+        del sim, g
+    return (*add_into(out, grads.dx.to(grad_dtype or x.dtype), grads.dy.to(grad_dtype or y.dtype)),
+            grads.dscale.to(scale.dtype), grads.drow_bias.to(row_bias.dtype), grads.dcol_bias.to(col_bias.dtype))
 
 
 def _negate_positives(t: Tensor, pos_cols: Tensor, i0: int, i1: int, j0: int, j1: int) -> None:
@@ -169,17 +175,9 @@ def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False)
     x, y, scale, row_bias, col_bias = problem.operands
     pos_cols = problem.pos_cols
     acc = accumulation_dtype(x.dtype)
-    n, m = x.shape[0], y.shape[0]
-    row_loss = torch.zeros(n, dtype=acc, device=x.device)
-    if need_grad:
-        grads = Gradients(torch.zeros(x.shape, dtype=acc, device=x.device),
-                          torch.zeros(y.shape, dtype=acc, device=x.device), torch.zeros(n, dtype=acc, device=x.device),
-                          torch.zeros(n, dtype=acc, device=x.device), torch.zeros(m, dtype=acc, device=x.device))
-    y_blk, y_range = None, None
-    for i0, i1, j0, j1 in _tiles(n, m, x.device):
-        if y_range != (j0, j1):
-            y_blk, y_range = y[j0:j1].to(acc), (j0, j1)
-        x_blk = x[i0:i1].to(acc)
+    row_loss = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    grads = _zero_gradients(x, y, acc) if need_grad else None
+    for i0, i1, j0, j1, x_blk, y_blk in _tiles(x, y, acc):
         sim, u = _logits(x_blk, y_blk, scale[i0:i1], row_bias[i0:i1], col_bias[j0:j1], keep_sim=need_grad)
         _negate_positives(u, pos_cols, i0, i1, j0, j1)
         row_loss[i0:i1] += torch.nn.functional.softplus(u).sum(1)
@@ -187,13 +185,8 @@ def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False)
             continue
         g = u.sigmoid_()  # sigmoid(-z L); G = -z sigmoid(-z L): flip the positives back
         _negate_positives(g, pos_cols, i0, i1, j0, j1)
-        grads.dscale[i0:i1] += batched_dot(g, sim, acc)
-        del sim
-        grads.drow_bias[i0:i1] += g.sum(1)
-        grads.dcol_bias[j0:j1] += g.sum(0)
-        g.mul_(scale[i0:i1, None].to(acc))
-        grads.dx[i0:i1].addmm_(g, y_blk)
-        grads.dy[j0:j1].addmm_(g.T, x_blk)
+        _add_tile_gradients(grads, g, sim, scale, x_blk, y_blk, i0, i1, j0, j1)
+        del sim, g
     if need_grad and out is not None:
         grads = grads._replace(**dict(zip(("dx", "dy"), add_into(out, grads.dx, grads.dy))))
     return row_loss, (grads if need_grad else None)

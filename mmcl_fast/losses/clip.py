@@ -2,7 +2,6 @@
 ClipLoss."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .._autocast import autocast_off

@@ -16,7 +16,6 @@ rounding; 16-bit parts rounded and summed separately would lose about a percent 
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .._numerics import accumulation_dtype

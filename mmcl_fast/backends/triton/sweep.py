@@ -67,12 +67,12 @@ import triton.language as tl
 from torch import Tensor
 
 from ..._problem import Gradients, Problem, add_into
-
+from ..._validate import check_features
+from .. import KERNEL_DTYPES
 from .matmul import TUNING_SIDE, accumulate_matmul, interpreting, size_class
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the same constant, visible inside @triton.jit functions
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages) per kernel and feature type: "half" (bf16 and fp16), "bf16",
@@ -456,21 +456,12 @@ def _check_vector(t, name: str, length: int, device) -> None:
 
 
 def _check_problem(x, y, scale, row_bias, col_bias) -> None:
+    check_features(x, "x", y, "y")
     for t, name in ((x, "x"), (y, "y")):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{name} must be a non-empty 2-D (batch, dim) tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in _KERNEL_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the triton backend supports float32/bfloat16/float16 {name}, got {t.dtype}")
         if t.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along features, got strides {t.stride()}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same feature size, got {x.shape[1]} and {y.shape[1]}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
     n, m = x.shape[0], y.shape[0]
     _check_vector(scale, "scale", n, x.device)
     _check_vector(row_bias, "row_bias", n, x.device)
@@ -659,7 +650,7 @@ def sigmoid_loss(problem: Problem, need_grad: bool, *, out=None, in_place=False)
     x, y, scale, row_bias, col_bias = problem.operands
     pos_cols = problem.pos_cols
     _check_problem(x, y, scale, row_bias, col_bias)
-    n, m = x.shape[0], y.shape[0]
+    n = x.shape[0]
     if pos_cols.dtype != torch.int64 or pos_cols.dim() != 2 or pos_cols.shape[0] != n:
         raise ValueError(f"pos_cols must be an ({n}, K) int64 tensor, got {pos_cols.dtype} {tuple(pos_cols.shape)}")
     if pos_cols.device != x.device:
