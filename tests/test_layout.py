@@ -1,5 +1,6 @@
 """The package's layout holds: which layer may import which, no import cycle, the lab kept out of the library, one
 accumulation-dtype rule, and every registered backend honouring the written contract (mmcl_fast.backends.Backend).
+The table ALLOWED is the one docs/layout.md describes.
 
 The import graph is read from the source (every import statement, those inside functions included), so a cycle
 hidden behind a function-level import counts too.
