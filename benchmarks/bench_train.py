@@ -1,6 +1,6 @@
 """Largest trainable contrastive batch at a fixed memory budget, and time per sample.
 
-Three ways to take one training step of the same open_clip CLIP (mmcl-fast train's tiny model, random init):
+Three ways to take one training step of the same open_clip CLIP (the digits example's tiny model, random init):
 
     plain      open_clip's own step: model(images, texts) on the whole batch, open_clip's dense ClipLoss, backward
     accum      open_clip_train's --accum-freq K step: features of every micro-batch without autograd, then per
@@ -11,8 +11,8 @@ Three ways to take one training step of the same open_clip CLIP (mmcl-fast train
 Each (method, batch) point runs in a fresh Python process: build the model, one warm-up step at batch 16
 (thread pools, gradient buffers), reset the peak-RSS mark (/proc/self/clear_refs), run the measured step and report
 the peak RSS growth over the resident size just before it (VmHWM - VmRSS; the inputs are made before the reset)
-and its wall time; a watchdog thread ends a step as soon as its peak passes the budget. A method's sweep stops at its first point over the budget (memory only grows with the batch)
-or over the time limit. Results: JSON (machine, versions, commit) and a markdown table on stdout.
+and its wall time; a watchdog thread ends a step as soon as its peak passes the budget. A method's sweep stops at
+its first point over the budget (memory only grows with the batch) or over the time limit. Results: JSON (machine, versions, commit) and a markdown table on stdout.
 
     python benchmarks/bench_train.py --out benchmarks/results/train/bench_train.json
 """
@@ -25,7 +25,6 @@ import os
 import platform
 import subprocess
 import sys
-import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("plain", "accum", "cached")
@@ -37,7 +36,7 @@ torch.set_num_threads({threads})
 from open_clip.loss import ClipLoss as OpenClipLoss
 import mmcl_fast
 from mmcl_fast.train import grad_cached_step
-from mmcl_fast.train.run import TINY_CLIP, build_model
+from examples.digits.run import TINY_CLIP, build_model
 
 def status_kib(key):
     with open("/proc/self/status") as status:
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {sorted(unknown)}, expected a subset of {','.join(METHODS)}")
     results = {"machine": _machine(), "budget_mib": args.budget_mib, "chunk": args.chunk, "threads": args.threads,
-               "batches": batches, "model": "mmcl_fast.train.run.TINY_CLIP", "points": {m: {} for m in METHODS},
+               "batches": batches, "model": "examples.digits.run.TINY_CLIP", "points": {m: {} for m in METHODS},
                "largest": {}}
     for method in methods:
         best = {"batch": None, "ms_per_sample": None, "sweep_end": False}

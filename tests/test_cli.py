@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _parser() -> argparse.ArgumentParser:
-    # the two subcommands this file tests, registered exactly as mmcl_fast/cli.py registers them
+    # the two subcommands of `mmcl-fast`, registered exactly as mmcl_fast/cli/__init__.py registers them
     parser = argparse.ArgumentParser(prog="mmcl-fast")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_cli.register(subparsers)
@@ -292,3 +292,17 @@ def test_info_json_reports_the_cpu_kernel_isa(capsys):
     assert set(data["bench_impls"]) == set(LOSSES) >= {"clip", "siglip", "bridge", "uniformity", "separation",
                                                         "geometry"}
     assert data["bench_impls"]["siglip"]["dense"]["cpu"] == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# the command itself: the library's subcommands only (the studies and examples run as python -m studies.…)
+# ---------------------------------------------------------------------------------------------
+
+def test_mmcl_fast_has_the_library_subcommands_only(capsys):
+    from mmcl_fast import cli
+    assert set(cli.SUBCOMMANDS) == set(cli.EXTRAS) == {"bench", "info"}
+    for lab in ("misalign", "cmcr", "train"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([lab, "--help"])
+        assert exit_info.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """The lean core: `pip install mmcl_fast` needs torch only; the losses, `mmcl-fast info` and `--version` run without
-any extra; one version source; the compiled core's absence is announced, not silent."""
+any extra; one version source; the compiled core's absence is announced, not silent; the wheel holds the library
+only (the studies and the examples live beside it)."""
+import importlib.util
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -54,11 +57,38 @@ def test_core_dependency_is_torch_alone():
 def test_cli_names_the_missing_extra():
     code = _WITHOUT_EXTRAS.split("import torch\n")[0] + textwrap.dedent("""
         from mmcl_fast.cli import main
-        sys.exit(main(["misalign", "--quick"]))
+        sys.exit(main(["bench", "--sizes", "8", "--dim", "4", "--out", sys.argv[1]]))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as out_dir:
+        out = subprocess.run([sys.executable, "-c", code, out_dir], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "pip install 'mmcl_fast[study]'" in out.stderr
+    assert "pip install 'mmcl_fast[bench]'" in out.stderr
+
+
+ROOT = Path(__file__).parents[1]
+# what of the studies (studies/) and of the digits example (examples/digits/) once lived in the package
+LAB_MODULES = ("mmcl_fast.misalign", "mmcl_fast.cmcr.world", "mmcl_fast.cmcr.spaces", "mmcl_fast.cmcr.study",
+               "mmcl_fast.cmcr.cli", "mmcl_fast.cmcr.plot", "mmcl_fast.train.run", "mmcl_fast.train.data",
+               "mmcl_fast.train.cli")
+LAB_FILES = {"world.py", "spaces.py", "run.py"}  # by name, anywhere in the package
+
+
+def test_wheel_package_holds_the_library_only():
+    """The wheel packs the folders of tool.scikit-build's wheel.packages: mmcl_fast alone, with no study or example
+    module in it; the sdist leaves the studies and the examples out."""
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["scikit-build"]
+    assert build["wheel"]["packages"] == ["mmcl_fast"]
+    assert {"studies", "examples"} <= set(build["sdist"]["exclude"])
+    package = ROOT / "mmcl_fast"
+    for name in LAB_MODULES:
+        assert importlib.util.find_spec(name) is None, f"{name} is importable"
+        path = package.joinpath(*name.split(".")[1:])
+        assert not path.exists() and not path.with_suffix(".py").exists(), f"{path} is in the package"
+    lab = sorted(str(path.relative_to(ROOT)) for path in package.rglob("*.py") if path.name in LAB_FILES)
+    assert not lab, f"study or example modules in the package: {lab}"
+    import mmcl_fast.cmcr
+    assert {"CMCRConnector", "semantic_enhance", "retrieval_metrics"} <= set(mmcl_fast.cmcr.__all__)
+    assert not {"ThreeModalityWorld", "WorldConfig"} & set(dir(mmcl_fast.cmcr))
 
 
 def test_bare_install_cli_info_and_version():
@@ -81,7 +111,7 @@ def test_missing_compiled_core_warns_once_and_falls_back():
         import sys, warnings
         sys.modules["mmcl_fast._C"] = None   # as if the compiled core failed to build or import
         import torch, mmcl_fast
-        from mmcl_fast._ops import resolve_backend
+        from mmcl_fast.backends import resolve_backend
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             picked = [resolve_backend("auto", torch.device("cpu"), torch.float32) for _ in range(3)]

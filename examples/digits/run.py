@@ -1,4 +1,4 @@
-"""The `mmcl-fast train` run: a small open_clip CLIP trained from scratch with gradient-cached steps.
+"""The digits example's run: a small open_clip CLIP trained from scratch with `mmcl_fast.train.grad_cached_step`.
 
 One process, or several under torchrun (gloo on CPU, NCCL on CUDA; DDP, and the loss's exact cross-rank form:
 each rank encodes its share of the global batch, the loss sees the whole batch). Each step: a global batch of
@@ -20,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .cached import grad_cached_step
+import mmcl_fast
+from mmcl_fast.train import grad_cached_step
+
 from .data import Dataset, EpochSampler, augment, load_csv_dataset, load_digits_dataset, normalize
 
 # A tiny open_clip CLIP (random init): ViT over 16x16 images in 4x4 patches, 2-layer text transformer.
@@ -68,12 +70,8 @@ def build_model(model_cfg: dict, siglip: bool) -> nn.Module:
 
 
 def build_loss(kind: str, rank: int, world: int) -> nn.Module:
-    import mmcl_fast
     if kind == "siglip":
-        siglip = getattr(mmcl_fast, "SigLipLoss", None)
-        if siglip is None:
-            raise RuntimeError("--loss siglip needs mmcl_fast.SigLipLoss, which this mmcl_fast version does not have")
-        return siglip(rank=rank, world_size=world)
+        return mmcl_fast.SigLipLoss(rank=rank, world_size=world)
     return mmcl_fast.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
 
 

@@ -1,6 +1,9 @@
-"""The misalignment study (mmcl_fast.misalign): generative model, loss, evaluator, CLI, and the paper's pattern."""
+"""The misalignment study (studies.misalign): generative model, loss, evaluator, CLI, and the paper's pattern."""
 import argparse
 import json
+import os
+import subprocess
+import sys
 import math
 
 import numpy as np
@@ -10,15 +13,14 @@ import torch.nn.functional as F
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 from threadpoolctl import threadpool_limits
-from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
-from mmcl_fast.misalign import cli
-from mmcl_fast.misalign.data import (LAYER_CONDITION, LEAKY_SLOPE, N_MODALITY, N_SEMANTIC, BiasConfig,
-                                     InvertibleMixer, LatentModel, paper_condition_threshold, wishart_identity)
-from mmcl_fast.misalign.evaluate import LATENTS, _r2_per_latent, latent_columns, latent_names, r2_scores
-from mmcl_fast.misalign.study import PRESETS, EvalConfig, run_study, sweep_settings
-from mmcl_fast.misalign.train import (TrainConfig, contrastive_loss, lpsimclr_loss, make_encoder,
-                                      train_encoders)
+from studies.misalign import cli
+from studies.misalign.data import (LAYER_CONDITION, LEAKY_SLOPE, N_MODALITY, N_SEMANTIC, BiasConfig, InvertibleMixer,
+                                   LatentModel, paper_condition_threshold, wishart_identity)
+from studies.misalign.evaluate import LATENTS, _r2_per_latent, latent_columns, latent_names, r2_scores
+from studies.misalign.study import PRESETS, EvalConfig, run_study, sweep_settings
+from studies.misalign.train import TrainConfig, contrastive_loss, lpsimclr_loss, make_encoder, train_encoders
+from tests.tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 BACKENDS = ("reference", "auto")
 
@@ -325,10 +327,10 @@ def test_kaiming_init_keeps_the_representation_at_unit_scale_in_every_direction(
 
 
 def test_quick_runs_score_on_the_way_at_the_preset_steps_a_run_reaches():
-    from mmcl_fast.misalign.cli import _settings
+    from studies.misalign.cli import _settings
 
     def at_steps(*argv):
-        return _settings(_parser().parse_args(["misalign", *argv]))[2].at_steps
+        return _settings(_parser().parse_args([*argv]))[2].at_steps
 
     assert PRESETS["quick"]["train"]["steps"] == 48_000
     assert at_steps("--quick") == (12_000, 24_000, 36_000)
@@ -339,10 +341,10 @@ def test_quick_runs_score_on_the_way_at_the_preset_steps_a_run_reaches():
 
 def test_presets_initialise_as_documented():
     assert PRESETS["paper"]["train"]["init"] == "torch" and PRESETS["quick"]["train"]["init"] == "kaiming"
-    args = _parser().parse_args(["misalign", "--quick", "--init", "torch"])
+    args = _parser().parse_args(["--quick", "--init", "torch"])
     assert cli._settings(args)[1].init == "torch"
-    assert cli._settings(_parser().parse_args(["misalign", "--quick"]))[1].init == "kaiming"
-    assert cli._settings(_parser().parse_args(["misalign"]))[1].init == "torch"
+    assert cli._settings(_parser().parse_args(["--quick"]))[1].init == "kaiming"
+    assert cli._settings(_parser().parse_args([]))[1].init == "torch"
 
 
 # --------------------------------------------------------------------------------------------- the evaluator
@@ -389,9 +391,21 @@ def test_latent_columns_hold_the_block_and_the_perturbed_text_values():
 # --------------------------------------------------------------------------------------------- the command line
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="mmcl-fast")
-    cli.register(parser.add_subparsers(dest="command"))
+    """The parser `python -m studies.misalign` builds (cli.main), kept here to reach the parsed arguments."""
+    parser = argparse.ArgumentParser(prog=cli.PROG)
+    cli.add_arguments(parser)
+    parser.set_defaults(func=cli.run, _parser=parser)
     return parser
+
+
+def test_help_runs_from_the_repository_root():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, "-m", "studies.misalign", "--help"], capture_output=True, text=True,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: python -m studies.misalign")
+    for flag in ("--quick", "--selection", "--perturbation", "--sweep", "--backend", "--threads", "--out"):
+        assert flag in done.stdout, flag
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -424,7 +438,7 @@ def test_cli_rejects_bad_arguments(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, triton would accept CPU tensors
     parser = _parser()
     with pytest.raises(SystemExit) as info:
-        args = parser.parse_args(["misalign", *argv, "--out", str(tmp_path)])
+        args = parser.parse_args([*argv, "--out", str(tmp_path)])
         args.func(args)
     assert info.value.code == 2
     assert words in capsys.readouterr().err
@@ -433,7 +447,7 @@ def test_cli_rejects_bad_arguments(argv, words, capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_end_to_end_run_writes_results_and_heatmap(backend, tmp_path, capsys):
     out = tmp_path / "run"
-    args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,2,5", "--perturbation", "5",
+    args = _parser().parse_args(["--quick", "--selection", "0,1,2,5", "--perturbation", "5",
                                  "--steps", "15", "--batch", "64", "--eval-samples", "300", "--seed", "3",
                                  "--backend", backend, "--no-progress", "--out", str(out)])
     assert args.func(args) == 0
@@ -467,14 +481,14 @@ def test_tiny_end_to_end_run_writes_results_and_heatmap(backend, tmp_path, capsy
     assert "R² of each latent" in capsys.readouterr().out
 
     combined = tmp_path / "combined"
-    args = _parser().parse_args(["misalign", "--combine", str(out), str(out), "--out", str(combined)])
+    args = _parser().parse_args(["--combine", str(out), str(out), "--out", str(combined)])
     assert args.func(args) == 0
     assert (combined / "heatmap_combined.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tiny_run_is_deterministic(tmp_path):
     def run(name, *extra):
-        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1", "--steps", "5", "--batch", "32",
+        args = _parser().parse_args(["--quick", "--selection", "0,1", "--steps", "5", "--batch", "32",
                                      "--eval-samples", "200", "--backend", "reference", "--no-progress",
                                      "--seeds", "2", "--out", str(tmp_path / name), *extra])
         args.func(args)
@@ -487,7 +501,7 @@ def test_tiny_run_is_deterministic(tmp_path):
 
 def test_scores_on_the_way_match_a_shorter_run_and_leave_the_run_alone(tmp_path, capsys):
     def run(name, steps, *extra):
-        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",
+        args = _parser().parse_args(["--quick", "--selection", "0,1,3", "--perturbation", "3",
                                      "--steps", str(steps), "--batch", "32", "--eval-samples", "200", "--seeds", "2",
                                      "--backend", "reference", "--no-progress", "--out", str(tmp_path / name),
                                      *extra])
@@ -507,7 +521,7 @@ def test_scores_on_the_way_match_a_shorter_run_and_leave_the_run_alone(tmp_path,
 
     run("seed0", 9, "--eval-at", "3,6", "--seeds", "1")
     run("seed1", 9, "--eval-at", "3,6", "--seeds", "1", "--seed", "1")
-    args = _parser().parse_args(["misalign", "--merge", str(tmp_path / "seed1"), str(tmp_path / "seed0"),
+    args = _parser().parse_args(["--merge", str(tmp_path / "seed1"), str(tmp_path / "seed0"),
                                  "--out", str(tmp_path / "merged")])
     assert args.func(args) == 0
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
@@ -516,7 +530,7 @@ def test_scores_on_the_way_match_a_shorter_run_and_leave_the_run_alone(tmp_path,
 
 def test_merge_of_seeds_run_apart_equals_the_run_of_all_seeds(tmp_path, capsys):
     def run(name, *extra):
-        args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",
+        args = _parser().parse_args(["--quick", "--selection", "0,1,3", "--perturbation", "3",
                                      "--steps", "5", "--batch", "32", "--eval-samples", "200",
                                      "--backend", "reference", "--no-progress", "--out", str(tmp_path / name), *extra])
         assert args.func(args) == 0
@@ -524,7 +538,7 @@ def test_merge_of_seeds_run_apart_equals_the_run_of_all_seeds(tmp_path, capsys):
 
     together = json.loads((run("together", "--seed", "4", "--seeds", "3") / "results.json").read_text())
     parts = [run("seed6", "--seed", "6", "--seeds", "1"), run("seed4", "--seed", "4", "--seeds", "2")]
-    args = _parser().parse_args(["misalign", "--merge", *map(str, parts), "--out", str(tmp_path / "merged")])
+    args = _parser().parse_args(["--merge", *map(str, parts), "--out", str(tmp_path / "merged")])
     assert args.func(args) == 0
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["seeds"] == [4, 5, 6]  # sorted by seed, whatever the order of the directories
@@ -543,19 +557,19 @@ def test_merge_of_seeds_run_apart_equals_the_run_of_all_seeds(tmp_path, capsys):
                         ([str(tmp_path / "nowhere")], "no results.json in"),
                         ]:
         with pytest.raises(SystemExit) as info:
-            args = _parser().parse_args(["misalign", "--merge", *argv, "--out", str(tmp_path / "bad")])
+            args = _parser().parse_args(["--merge", *argv, "--out", str(tmp_path / "bad")])
             args.func(args)
         assert info.value.code == 2
         assert words in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        args = _parser().parse_args(["misalign", "--merge", str(parts[0]), "--combine", str(parts[0])])
+        args = _parser().parse_args(["--merge", str(parts[0]), "--combine", str(parts[0])])
         args.func(args)
     assert "--combine and --merge are separate jobs" in capsys.readouterr().err
 
 
 def test_tiny_lpsimclr_run_with_the_mlp_regressor(tmp_path):
     out = tmp_path / "lp"
-    args = _parser().parse_args(["misalign", "--quick", "--selection", "0,1,3", "--perturbation", "3",
+    args = _parser().parse_args(["--quick", "--selection", "0,1,3", "--perturbation", "3",
                                  "--dependent", "--steps", "5", "--batch", "32", "--eval-samples", "200",
                                  "--seeds", "1", "--objective", "lpsimclr", "--mlp-regressor", "--no-progress",
                                  "--out", str(out)])
@@ -588,7 +602,7 @@ def test_sweep_settings_follow_the_paper():
 
 def test_tiny_sweep_writes_one_run_per_k_and_a_plot(tmp_path):
     out = tmp_path / "sweep"
-    args = _parser().parse_args(["misalign", "--quick", "--sweep", "perturbation", "--sweep-values", "0,4",
+    args = _parser().parse_args(["--quick", "--sweep", "perturbation", "--sweep-values", "0,4",
                                  "--steps", "5", "--batch", "32", "--eval-samples", "200", "--no-progress",
                                  "--out", str(out)])
     assert args.func(args) == 0
@@ -605,7 +619,7 @@ def test_tiny_sweep_writes_one_run_per_k_and_a_plot(tmp_path):
 
 def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_path):
     def sweep(name, *extra):
-        args = _parser().parse_args(["misalign", "--quick", "--sweep", "selection", "--sweep-values", "2,3",
+        args = _parser().parse_args(["--quick", "--sweep", "selection", "--sweep-values", "2,3",
                                      "--seeds", "2", "--steps", "5", "--batch", "32", "--eval-samples", "200",
                                      "--backend", "reference", "--no-progress", "--out", str(tmp_path / name),
                                      *extra])
@@ -631,9 +645,10 @@ def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_pa
 # Acceptance: quick mode, three seeds, both objectives, on settings the preset was not tuned on
 # (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean. "acceptance" is the
 # setting the issue's runs were checked on; "heldout" was chosen before any run of it, after the preset's step
-# count had been set from runs on "acceptance" (README, misalignment study). The 48k-step preset was then set from
-# a failing run on "heldout" (and a sweep point), so "heldout" is a tuning setting too; "fresh" was drawn at random
-# (random.Random(20261201): a θ of 6-8 indices, ρ two of them) before any run of it, after the 48k preset was set.
+# count had been set from runs on "acceptance" (PRESETS in studies/misalign/study.py). The 48k-step preset was then
+# set from a failing run on "heldout" (and a sweep point), so "heldout" is a tuning setting too; "fresh" was drawn at
+# random (random.Random(20261201): a θ of 6-8 indices, ρ two of them) before any run of it, after the 48k preset was
+# set.
 
 SETTINGS = {"acceptance": ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,7"],
             "heldout": ["--selection", "1,2,4,5,7,9", "--perturbation", "4,9"],
@@ -641,7 +656,7 @@ SETTINGS = {"acceptance": ["--selection", "0,1,2,3,6,7,8", "--perturbation", "2,
 
 
 def _quick_run(tmp_path, argv):
-    args = _parser().parse_args(["misalign", "--quick", "--no-progress", "--jobs", "2", "--out", str(tmp_path),
+    args = _parser().parse_args(["--quick", "--no-progress", "--jobs", "2", "--out", str(tmp_path),
                                  *argv])
     assert args.func(args) == 0
     return json.loads((tmp_path / "results.json").read_text())

@@ -1,4 +1,4 @@
-"""A synthetic three-modality world for C-MCR: A, B and C observe one semantic latent (SPEC §4).
+"""A synthetic three-modality world for C-MCR (docs/design.md#cmcr): A, B and C observe one semantic latent.
 
 Each sample has semantics s ∈ R^k shared by all three modalities and one modality-specific latent per modality:
 
@@ -6,17 +6,16 @@ Each sample has semantics s ∈ R^k shared by all three modalities and one modal
 
 g_A, g_B and g_C are frozen invertible 3-layer MLPs, one per modality (square, bias-free, LeakyReLU(0.2) between
 layers; each weight is U diag(σ) Vᵀ with Haar-random U, V and σ log-uniform in [1/2, 2], so every layer is
-invertible with condition number at most 4): no modality is a linear copy of another, and each determines s. B plays the overlapping modality (text in CLIP + CLAP), A and C the two that are never paired (image,
-audio). A paired triple (A, B, C) shares s; unpaired data are independent draws.
+invertible with condition number at most 4): no modality is a linear copy of another, and each determines s.
+B plays the overlapping modality (text in CLIP + CLAP), A and C the two that are never paired (image, audio).
+A paired triple (A, B, C) shares s; unpaired data are independent draws.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 MODALITIES = ("a", "b", "c")
 LEAKY_SLOPE = 0.2

@@ -1,4 +1,4 @@
-"""Image-caption data for `mmcl-fast train`: scikit-learn's digits with templated captions, or open_clip's CSV.
+"""Image-caption data for the digits example: scikit-learn's digits with templated captions, or open_clip's CSV.
 
 Every source yields float images (n, 3, S, S) in [0, 1] and, per image, a list of candidate captions (one is
 drawn per use: the text side of the augmentation). Batches come from a per-epoch permutation seeded by

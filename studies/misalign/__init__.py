@@ -1,5 +1,5 @@
 """The misalignment study of Cai et al. (2025): what multimodal contrastive learning recovers under selection
-and perturbation bias in the text (SPEC §5). `mmcl-fast misalign --help` runs it from the command line."""
+and perturbation bias in the text. `python -m studies.misalign --help` runs it from the command line."""
 from .data import MIXERS, BiasConfig, InvertibleMixer, LatentModel, Sample
 from .evaluate import LATENTS, evaluate, latent_names
 from .study import PRESETS, SWEEPS, EvalConfig, run_seed, run_study, sweep_settings

@@ -1,22 +1,25 @@
-"""`mmcl-fast misalign`: run the selection / perturbation bias study (several seeds, or a sweep over k) and write
-results.json + a heatmap (+ sweep.json and an R²-against-k plot for a sweep)."""
+"""`python -m studies.misalign`: run the selection / perturbation bias study (several seeds, or a sweep over k) and
+write results.json + a heatmap (+ sweep.json and an R²-against-k plot for a sweep)."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-from .._argtypes import positive_float as _positive_float
-from .._argtypes import positive_int as _positive_int
-from .._ops import BACKENDS
+from mmcl_fast.cli.options import (add_backend, add_device, add_out, add_progress, add_seed, add_threads,
+                                   default_device, fail, int_list, positive_float, positive_int, standalone_main)
+
 from .data import MIXERS, N_SEMANTIC, BiasConfig
 from .study import PRESETS, SWEEPS
 from .train import INITS, OBJECTIVES
 
 _PAPER, _QUICK = PRESETS["paper"], PRESETS["quick"]
 
+PROG = "python -m studies.misalign"
+DESCRIPTION = ("Train image/text encoders with the squared-L2 symmetric InfoNCE on a synthetic latent model whose text "
+               "keeps only the selected semantics (θ) and randomly perturbs some of them (ρ), then report how well "
+               "each latent can be predicted from the learned representations (Cai et al., 2025).")
 DEFAULT_OUT = "out/misalign"
 QUICK_SEEDS = 3  # default --seeds with --quick (a single setting); 1 otherwise and for a sweep
 
@@ -43,24 +46,9 @@ def _index_list(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _int_list(example: str, what: str = "ints", *, minimum: int | None = None, distinct: bool = False):
-    """An argparse type for comma-separated ints, e.g. `--eval-at 12000,24000`; bad text names the expected form."""
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if (not values or (minimum is not None and min(values) < minimum)
-                or (distinct and len(set(values)) != len(values))):
-            raise argparse.ArgumentTypeError(f"expected {'distinct ' if distinct else ''}comma-separated {what}, "
-                                             f"e.g. {example}; got {text!r}")
-        return values
-    return parse
-
-
-_k_list = _int_list("1,5,10", distinct=True)
-_multipliers = _int_list("10,50,10", "positive ints", minimum=1)
-_step_list = _int_list("12000,24000", "training steps", minimum=1, distinct=True)
+_k_list = int_list("1,5,10", distinct=True)
+_multipliers = int_list("10,50,10", "positive ints", minimum=1)
+_step_list = int_list("12000,24000", "training steps", minimum=1, distinct=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ρ ⊆ θ: kept indices randomly shifted in the text with probability 0.75 "
                              "(default: none)")
     parser.add_argument("--dependent", action="store_true", help="semantics ~ N(0, Σ), Σ ~ Wishart(10, I)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="first seed: the run uses seeds SEED..SEED+K-1 (each seeds the mixers, the covariances "
-                             "in the dependent case, the data and the encoders)")
-    parser.add_argument("--seeds", type=_positive_int, metavar="K",
+    add_seed(parser, "the first run: the runs use seeds SEED..SEED+K-1, each seeding the mixers, the covariances "
+                     "in the dependent case, the data and the encoders")
+    parser.add_argument("--seeds", type=positive_int, metavar="K",
                         help=f"number of seeds K (default: {QUICK_SEEDS} with --quick, 1 otherwise and per sweep "
                              "point); results.json keeps every seed's R² and their mean ± std")
     parser.add_argument("--objective", default="clip", choices=OBJECTIVES,
@@ -90,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-regressor", action="store_true",
                         help="also score an MLP regressor (scikit-learn MLPRegressor, 100 hidden units) beside "
                              "kernel ridge, as the paper's lighter option")
-    parser.add_argument("--jobs", type=_positive_int, default=1,
+    parser.add_argument("--jobs", type=positive_int, default=1,
                         help="seeds, and with --sweep every (k, seed) pair, trained in parallel worker "
                              "processes, each on --threads threads (default: 1)")
     parser.add_argument("--sweep", choices=SWEEPS,
@@ -98,23 +85,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "perturbation θ = {0..9}, ρ = {0..k-1} (k = 0..9). Ignores --selection/--perturbation")
     parser.add_argument("--sweep-values", type=_k_list, metavar="K,K,...",
                         help="run only these k of the sweep (default: all)")
-    parser.add_argument("--steps", type=_positive_int,
+    parser.add_argument("--steps", type=positive_int,
                         help=f"training steps (paper: {_PAPER['train']['steps']}, --quick: {_QUICK['train']['steps']})")
-    parser.add_argument("--batch", type=_positive_int,
+    parser.add_argument("--batch", type=positive_int,
                         help=f"batch size (paper: {_PAPER['train']['batch']}, --quick: {_QUICK['train']['batch']})")
-    parser.add_argument("--lr", type=_positive_float,
+    parser.add_argument("--lr", type=positive_float,
                         help=f"Adam learning rate, constant (paper: {_PAPER['train']['lr']:g}, "
                              f"--quick: {_QUICK['train']['lr']:g})")
     parser.add_argument("--hidden", type=_multipliers,
                         help="encoder hidden widths as multiples of the input size (paper: "
                              f"{','.join(map(str, _PAPER['train']['hidden']))}, "
                              f"--quick: {','.join(map(str, _QUICK['train']['hidden']))})")
-    parser.add_argument("--encoding-size", type=_positive_int, help="representation size (default: |θ \\ ρ|)")
+    parser.add_argument("--encoding-size", type=positive_int, help="representation size (default: |θ \\ ρ|)")
     parser.add_argument("--init", choices=INITS,
                         help="encoder initialisation: torch (PyTorch's default, as in the paper) or kaiming (He "
                              f"init for LeakyReLU, zero biases) (paper: {_PAPER['train']['init']}, --quick: "
                              f"{_QUICK['train']['init']})")
-    parser.add_argument("--eval-samples", type=_positive_int,
+    parser.add_argument("--eval-samples", type=positive_int,
                         help=f"validation and test samples each (paper: {_PAPER['eval']['n_val']}, --quick: "
                              f"{_QUICK['eval']['n_val']}); the kernel ridge regressor uses a subsample of at most "
                              f"{_PAPER['eval']['n_nonlinear']} (--quick: {_QUICK['eval']['n_nonlinear']})")
@@ -124,13 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "appears (each costs one evaluation, a few seconds in --quick). Default: "
                              + (",".join(map(str, _QUICK["eval"]["at_steps"])) + " with --quick, " if
                                 _QUICK["eval"].get("at_steps") else "") + "none otherwise")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="backend of the fused InfoNCE primitive (default: auto)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=_positive_int,
-                        help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_backend(parser, "the fused InfoNCE primitive")
+    add_device(parser)
+    add_threads(parser, "1 with --quick, torch's default otherwise")
+    add_out(parser, DEFAULT_OUT)
+    add_progress(parser)
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="no training: draw one heatmap (image, non-linear R²) from the results.json of "
                              "earlier runs, one column per run, into --out")
@@ -140,21 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "into one results.json (every seed's R², mean ± std) and heatmap in --out")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "misalign", help="selection / perturbation bias study (Cai et al., 2025)",
-        description="Train image/text encoders with the squared-L2 symmetric InfoNCE on a synthetic latent model "
-                    "whose text keeps only the selected semantics (θ) and randomly perturbs some of them (ρ), "
-                    "then report how well each latent can be predicted from the learned representations.")
-    add_arguments(parser)
-    parser.set_defaults(func=run, _parser=parser)
-    return parser
-
-
 def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None, str, list[int]]:
     import torch
 
-    from .._ops import resolve_backend
+    from mmcl_fast.backends import resolve_backend
+
     from .study import EvalConfig
     from .train import TrainConfig
 
@@ -179,7 +154,7 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     eval_cfg = EvalConfig(**eval_kw)
     threads = args.threads if args.threads is not None else preset["threads"]
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(args.device)
     except RuntimeError:
         raise ValueError(f"--device must be a torch device such as cpu or cuda:0, got {args.device!r}") from None
     resolve_backend(args.backend, device, torch.float32)  # a backend the device cannot run fails here, not mid-run
@@ -187,17 +162,9 @@ def _settings(args) -> tuple[BiasConfig, "TrainConfig", "EvalConfig", int | None
     return bias, train_cfg, eval_cfg, threads, str(device), list(range(args.seed, args.seed + n_seeds))
 
 
-def _error(args, message: str) -> int:
-    parser = getattr(args, "_parser", None)
-    if parser is not None:
-        parser.error(message)  # exits with status 2 and the usage line
-    print(f"mmcl-fast misalign: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run(args) -> int:
     if args.combine and args.merge:
-        return _error(args, "--combine and --merge are separate jobs: give one of them")
+        return fail(args, PROG, "--combine and --merge are separate jobs: give one of them")
     if args.combine:
         return _combine(args)
     if args.merge:
@@ -211,7 +178,7 @@ def run(args) -> int:
         elif args.sweep_values is not None:
             raise ValueError("--sweep-values needs --sweep")
     except (ValueError, TypeError) as exc:
-        return _error(args, str(exc))
+        return fail(args, PROG, str(exc))
     import torch
     from rich.console import Console
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency: caps BLAS threads in the regressors
@@ -382,7 +349,7 @@ def _combine(args) -> int:
     for directory in args.combine:
         path = Path(directory) / "results.json"
         if not path.is_file():
-            return _error(args, f"--combine: no results.json in {directory}")
+            return fail(args, PROG, f"--combine: no results.json in {directory}")
         runs.append(json.loads(path.read_text()))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,21 +369,16 @@ def _merge(args) -> int:
     for directory in args.merge:
         path = Path(directory) / "results.json"
         if not path.is_file():
-            return _error(args, f"--merge: no results.json in {directory}")
+            return fail(args, PROG, f"--merge: no results.json in {directory}")
         documents.append(json.loads(path.read_text()))
     try:
         results = merge_results(documents, sources=[str(directory) for directory in args.merge])
     except ValueError as exc:
-        return _error(args, f"--merge: {exc}")
+        return fail(args, PROG, f"--merge: {exc}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_setting(Console(), results, out_dir)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmcl-fast misalign")
-    add_arguments(parser)
-    parser.set_defaults(func=run, _parser=parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+main = standalone_main(PROG, DESCRIPTION, add_arguments, run)

@@ -1,15 +1,20 @@
-"""`mmcl-fast cmcr`: connect two synthetic contrastive spaces with C-MCR; print a table, write results.json + a plot."""
+"""`python -m studies.cmcr`: connect two synthetic contrastive spaces with C-MCR; print a table, write results.json
++ a plot."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from .._argtypes import positive_int as _positive_int
-from .._ops import BACKENDS
+from mmcl_fast.cli.options import (add_backend, add_out, add_progress, add_seed, add_threads, fail, positive_int,
+                                   standalone_main)
+
 from .study import ABLATIONS, PRESETS
 
+PROG = "python -m studies.cmcr"
+DESCRIPTION = ("Train an A–B and a B–C contrastive space on a synthetic three-modality world, connect them with C-MCR "
+               "(Wang et al., NeurIPS 2023) from B samples and unpaired A and C memories only, and evaluate A→C / "
+               "C→A retrieval against chance, a paired-data oracle and the ablations.")
 DEFAULT_OUT = "out/cmcr"
 _QUICK = PRESETS["quick"]
 
@@ -20,36 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{_QUICK['method']['hidden']}: {_QUICK['fit']['steps']} steps at batch "
                              f"{_QUICK['fit']['batch']}; one thread): a few minutes on 2 cores. Without it: "
                              "paper-sized projectors (width 1024, batch 4096), for a bigger machine")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the spaces, the data and the fits")
-    parser.add_argument("--steps", type=_positive_int, help="projector training steps (overrides the preset)")
-    parser.add_argument("--batch", type=_positive_int, help="projector batch size (overrides the preset)")
-    parser.add_argument("--space-steps", type=_positive_int, help="training steps of each contrastive space")
-    parser.add_argument("--n-test", type=_positive_int, help="held-out test triples (chance R@1 = 1/n)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS,
-                        help="backend of the fused InfoNCE (default: auto)")
-    parser.add_argument("--threads", type=_positive_int,
-                        help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    parser.add_argument("--no-progress", action="store_true", help="no phase messages")
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "cmcr", help="C-MCR: connect two contrastive spaces without paired data (Wang et al., NeurIPS 2023)",
-        description="Train an A–B and a B–C contrastive space on a synthetic three-modality world, connect them "
-                    "with C-MCR from B samples and unpaired A and C memories only, and evaluate A→C / C→A "
-                    "retrieval against chance, a paired-data oracle and the ablations.")
-    add_arguments(parser)
-    parser.set_defaults(func=run, _parser=parser)
-    return parser
-
-
-def _error(args, message: str) -> int:
-    parser = getattr(args, "_parser", None)
-    if parser is not None:
-        parser.error(message)  # exits with status 2 and the usage line
-    print(f"mmcl-fast cmcr: error: {message}", file=sys.stderr)
-    return 2
+    add_seed(parser, "the world, the spaces, the data and the fits")
+    parser.add_argument("--steps", type=positive_int, help="projector training steps (overrides the preset)")
+    parser.add_argument("--batch", type=positive_int, help="projector batch size (overrides the preset)")
+    parser.add_argument("--space-steps", type=positive_int, help="training steps of each contrastive space")
+    parser.add_argument("--n-test", type=positive_int, help="held-out test triples (chance R@1 = 1/n)")
+    add_backend(parser, "the fused InfoNCE")
+    add_threads(parser, "1 with --quick, torch's default otherwise")
+    add_out(parser, DEFAULT_OUT)
+    add_progress(parser, "no phase messages")
 
 
 def run(args) -> int:
@@ -59,14 +43,14 @@ def run(args) -> int:
 
     preset = "quick" if args.quick else "paper"
     if args.n_test is not None and args.n_test < 2:
-        return _error(args, f"--n-test must be at least 2, got {args.n_test}")
+        return fail(args, PROG, f"--n-test must be at least 2, got {args.n_test}")
     try:
         cfg = preset_config(preset, seed=args.seed, backend=args.backend, fit_steps=args.steps,
                             fit_batch=args.batch, space_steps=args.space_steps, n_test=args.n_test)
-        from .._ops import resolve_backend
+        from mmcl_fast.backends import resolve_backend
         resolve_backend(args.backend, torch.device("cpu"), torch.float32)
     except (ValueError, TypeError, RuntimeError) as exc:
-        return _error(args, str(exc))
+        return fail(args, PROG, str(exc))
     from rich.console import Console
 
     from .plot import figure
@@ -122,9 +106,4 @@ def results_table(results: dict):
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmcl-fast cmcr")
-    add_arguments(parser)
-    parser.set_defaults(func=run, _parser=parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+main = standalone_main(PROG, DESCRIPTION, add_arguments, run)

@@ -1,4 +1,4 @@
-"""Contrastive training of the two encoders on fresh samples of the latent model (SPEC §5).
+"""Contrastive training of the two encoders on fresh samples of the latent model (docs/design.md#misalignment).
 
 Each step draws a new batch (x, t), encodes it with MLPs f_x, f_t (z_x = f_x(x), z_t = f_t(t)) and minimises one
 of two squared-L2 objectives (τ = 1), both computed by mmcl_fast's streamed primitive (no B x B buffer outside
@@ -36,8 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._ops import affine_lse
-from ..losses.infonce import infonce
+from mmcl_fast import affine_lse, infonce
+
 from .data import LatentModel
 
 OBJECTIVES = ("clip", "lpsimclr")

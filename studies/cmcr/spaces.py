@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..losses.clip import clip_loss
+from mmcl_fast import clip_loss
+
 from .world import MODALITIES, ThreeModalityWorld
 
 MAX_LOGIT_SCALE = 100.0

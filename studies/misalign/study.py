@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from .._provenance import git_commit
-from .. import __version__
-from .._ops import resolve_backend
+from mmcl_fast.backends import resolve_backend
+from mmcl_fast.bench.machine import git_commit, package_version
+
 from .data import N_SEMANTIC, BiasConfig, LatentModel
 from .evaluate import evaluate, latent_names
 from .train import TrainConfig, train_encoders
@@ -265,7 +265,7 @@ def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: Ev
 
 
 def _environment(device: torch.device) -> dict:
-    return {"mmcl_fast": __version__, "torch": torch.__version__, "commit": git_commit(short=True),
+    return {"mmcl_fast": package_version("mmcl_fast"), "torch": torch.__version__, "commit": git_commit(short=True),
             "machine": platform.machine(), "processor": platform.processor() or None,
             "cpu_count": torch.multiprocessing.cpu_count(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

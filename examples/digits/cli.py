@@ -1,15 +1,18 @@
-"""`mmcl-fast train`: train a small open_clip CLIP with gradient-cached steps and evaluate it zero-shot."""
+"""`python -m examples.digits`: train a small open_clip CLIP with gradient-cached steps and evaluate it zero-shot."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from .._argtypes import non_negative_int as _non_negative_int
-from .._argtypes import positive_float as _positive_float
-from .._argtypes import positive_int as _positive_int
+from mmcl_fast.cli.options import (add_device, add_out, add_progress, add_seed, add_threads, fail, non_negative_int,
+                                   positive_float, positive_int, standalone_main)
+
 from .run import FULL, QUICK, TrainConfig
 
+PROG = "python -m examples.digits"
+DESCRIPTION = ("Train a small open_clip CLIP from random init with mmcl_fast.train.grad_cached_step at a batch several "
+               "times its chunk, then evaluate it zero-shot on held-out images. Writes log.jsonl, checkpoint.pt and "
+               "results.json to --out. Runs under torchrun (DDP).")
 DEFAULT_OUT = "out/train"
 
 
@@ -27,42 +30,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['steps']} steps of batch {QUICK['batch_size']} in chunks of "
                              f"{QUICK['chunk_size']} (a few minutes on 2 CPU cores); default: {FULL['steps']} steps")
-    parser.add_argument("--steps", type=_positive_int, help="optimizer steps (overrides --quick)")
-    parser.add_argument("--batch-size", type=_positive_int,
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps (overrides --quick)")
+    parser.add_argument("--batch-size", type=positive_int,
                         help=f"global contrastive batch over all ranks (default {FULL['batch_size']})")
-    parser.add_argument("--chunk-size", type=_positive_int,
+    parser.add_argument("--chunk-size", type=positive_int,
                         help=f"rows per encoder call on each rank (default {FULL['chunk_size']})")
-    parser.add_argument("--lr", type=_positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
-    parser.add_argument("--warmup", type=_non_negative_int, default=TrainConfig.warmup, help="linear warm-up steps")
+    parser.add_argument("--lr", type=positive_float, default=TrainConfig.lr, help="peak AdamW learning rate")
+    parser.add_argument("--warmup", type=non_negative_int, default=TrainConfig.warmup, help="linear warm-up steps")
     parser.add_argument("--loss", choices=("clip", "siglip"), default="clip",
                         help="mmcl_fast.ClipLoss (default) or mmcl_fast.SigLipLoss")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast for the encoders")
-    parser.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default 0)")
-    parser.add_argument("--log-every", type=_positive_int, default=TrainConfig.log_every,
+    add_seed(parser, "the weights, the data order and the augmentation")
+    parser.add_argument("--log-every", type=positive_int, default=TrainConfig.log_every,
                         help="steps between JSONL log records")
-    parser.add_argument("--eval-every", type=_non_negative_int, default=0,
+    parser.add_argument("--eval-every", type=non_negative_int, default=0,
                         help="steps between zero-shot evaluations (default 0: at the end only)")
-    parser.add_argument("--checkpoint-every", type=_positive_int, default=TrainConfig.checkpoint_every,
+    parser.add_argument("--checkpoint-every", type=positive_int, default=TrainConfig.checkpoint_every,
                         help="steps between checkpoints (and one at the end)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--stop-at", type=_positive_int, metavar="STEP",
+    parser.add_argument("--stop-at", type=positive_int, metavar="STEP",
                         help="stop after this step, leaving a checkpoint that --resume continues (a time-limited job)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: 1 with --quick, torch's default otherwise)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train", help="train a small open_clip CLIP with gradient-cached steps (digits or your CSV)",
-        description="Train a small open_clip CLIP from random init with mmcl_fast.train.grad_cached_step at a "
-                    "batch several times its chunk, then evaluate it zero-shot on held-out images. Writes "
-                    "log.jsonl, checkpoint.pt and results.json to --out. Runs under torchrun (DDP).")
-    add_arguments(parser)
-    parser.set_defaults(func=run, _parser=parser)
-    return parser
+    add_device(parser)
+    add_threads(parser, "1 with --quick, torch's default otherwise")
+    add_out(parser, DEFAULT_OUT)
+    add_progress(parser)
 
 
 def config_from_args(args) -> TrainConfig:
@@ -72,8 +64,7 @@ def config_from_args(args) -> TrainConfig:
                       chunk_size=args.chunk_size or preset["chunk_size"], lr=args.lr, warmup=args.warmup,
                       loss=args.loss, precision=args.precision, seed=args.seed, log_every=args.log_every,
                       eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      stop_at=args.stop_at,
-                      progress=not args.no_progress, device=args.device)
+                      stop_at=args.stop_at, progress=not args.no_progress, device=args.device)
     if cfg.warmup >= cfg.steps:
         cfg.warmup = max(0, cfg.steps // 10)
     return cfg
@@ -90,8 +81,7 @@ def run(args) -> int:
         cfg = config_from_args(args)
         results = train(cfg)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"mmcl-fast train: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args, PROG, str(exc))
     if results is not None and "stopped_at" in results:
         print(f"stopped after step {results['stopped_at']}; continue with --resume from {results['checkpoint']}")
     elif results is not None:
@@ -100,3 +90,6 @@ def run(args) -> int:
         print(json.dumps(shown, indent=2))
         print(f"wrote {cfg.out}/results.json, log.jsonl, checkpoint.pt")
     return 0
+
+
+main = standalone_main(PROG, DESCRIPTION, add_arguments, run)

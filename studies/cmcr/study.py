@@ -17,11 +17,10 @@ from typing import Callable
 
 import torch
 
-from .._provenance import git_commit
-from .. import __version__
-from .._ops import resolve_backend
-from .connector import CMCRConfig, CMCRConnector, FitConfig
-from .evaluate import modality_gap, retrieval_metrics
+from mmcl_fast.backends import resolve_backend
+from mmcl_fast.bench.machine import git_commit, package_version
+from mmcl_fast.cmcr import CMCRConfig, CMCRConnector, FitConfig, modality_gap, retrieval_metrics
+
 from .spaces import SpaceConfig, train_space
 from .world import ThreeModalityWorld, WorldConfig
 
@@ -181,9 +180,9 @@ def run_study(cfg: StudyConfig, on_phase: Callable[[str], None] | None = None) -
                          "after": {name: v["modality_gap"] for name, v in variants.items()}},
         "loss_history": {name: v["loss_history"] for name, v in variants.items()},
         "timing": {**timing, **{f"{name}_s": v["train_s"] for name, v in variants.items()}},
-        "environment": {"mmcl_fast": __version__, "torch": torch.__version__, "commit": git_commit(short=True),
-                        "machine": platform.machine(), "processor": platform.processor() or None,
-                        "cpu_count": torch.multiprocessing.cpu_count()},
+        "environment": {"mmcl_fast": package_version("mmcl_fast"), "torch": torch.__version__,
+                        "commit": git_commit(short=True), "machine": platform.machine(),
+                        "processor": platform.processor() or None, "cpu_count": torch.multiprocessing.cpu_count()},
     }
     if main is not None:
         results["retrieval"] = {k: main[k] for k in ("a_to_c", "c_to_a")}

@@ -1,4 +1,4 @@
-"""The latent-variable model of the misalignment study (Cai et al., 2025; SPEC §5).
+"""The latent-variable model of the misalignment study (Cai et al., 2025; docs/design.md#misalignment).
 
 A paired sample is generated from semantics s ∈ R^10 and modality-specific latents m_x, m_t ∈ R^5:
 
