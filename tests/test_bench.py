@@ -219,3 +219,17 @@ def test_streamed_lse64_with_biases_matches_logsumexp(monkeypatch):
         row_lse, col_lse = registry.streamed_lse64(x, y, scale, 8 * 31 * 3, row_bias=row_bias, col_bias=col_bias)
         assert_rel_close(row_lse, torch.logsumexp(logits, 1), LOSS_RTOL[torch.float64], "row lse")
         assert_rel_close(col_lse, torch.logsumexp(logits, 0), LOSS_RTOL[torch.float64], "col lse")
+
+
+def test_environment_names_the_cpu_its_build_and_the_date():
+    """What studies and examples record about their machine: a CPU model (not the empty platform.processor() of
+    Linux), the compiled kernel's ISA build and a UTC date."""
+    import datetime
+
+    from mmcl_fast.backends import cpu
+    from mmcl_fast.bench.machine import environment
+    env = environment()
+    assert env["processor"] and env["processor"] != ""
+    assert env["cpu_kernel_isa"] == (cpu.isa() if cpu.available() else None)
+    assert datetime.datetime.fromisoformat(env["date"]).tzinfo is not None
+    assert env["gpu"] is None and env["cpu_count"] >= 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import mmcl_fast
+from mmcl_fast.bench.machine import cpu_model
 from mmcl_fast.train import grad_cached_step
 
 from .data import Dataset, EpochSampler, augment, load_csv_dataset, load_digits_dataset, normalize
@@ -314,13 +314,4 @@ def _save_checkpoint(path, model, optimizer, cfg, step, seconds, rank) -> None:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"

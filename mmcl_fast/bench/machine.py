@@ -115,6 +115,17 @@ def matmul_shape(device: torch.device, sizes=(), dims=()) -> tuple[int, int]:
     return n, d
 
 
+def environment(device: torch.device | None = None) -> dict:
+    """What a study or example run records about where it ran (cheap: no measurement): versions, commit, UTC date,
+    CPU model and the compiled kernel's ISA build, core count, and the GPU's name for a CUDA device."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return {"mmcl_fast": package_version("mmcl_fast"), "torch": torch.__version__, "commit": git_commit(short=True),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.machine(), "processor": cpu_model(), "cpu_kernel_isa": cpu_kernel_isa(),
+            "cpu_count": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
 def describe(device: torch.device, dtypes: list[str], *, sizes=(), dims=(), measure_matmul: bool = True) -> dict:
     from .registry import DTYPES
     n, d = matmul_shape(device, sizes, dims)

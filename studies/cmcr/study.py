@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from typing import Callable
 
 import torch
 
 from mmcl_fast.backends import resolve_backend
-from mmcl_fast.bench.machine import git_commit, package_version
+from mmcl_fast.bench.machine import environment as machine_environment
 from mmcl_fast.cmcr import CMCRConfig, CMCRConnector, FitConfig, modality_gap, retrieval_metrics
 
 from .spaces import SpaceConfig, train_space
@@ -180,9 +179,7 @@ def run_study(cfg: StudyConfig, on_phase: Callable[[str], None] | None = None) -
                          "after": {name: v["modality_gap"] for name, v in variants.items()}},
         "loss_history": {name: v["loss_history"] for name, v in variants.items()},
         "timing": {**timing, **{f"{name}_s": v["train_s"] for name, v in variants.items()}},
-        "environment": {"mmcl_fast": package_version("mmcl_fast"), "torch": torch.__version__,
-                        "commit": git_commit(short=True), "machine": platform.machine(),
-                        "processor": platform.processor() or None, "cpu_count": torch.multiprocessing.cpu_count()},
+        "environment": machine_environment(),
     }
     if main is not None:
         results["retrieval"] = {k: main[k] for k in ("a_to_c", "c_to_a")}

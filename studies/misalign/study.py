@@ -2,7 +2,6 @@
 results.json with every seed's values and their mean ± std (and, for a sweep, one such run per k)."""
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -12,7 +11,7 @@ from typing import Callable
 import torch
 
 from mmcl_fast.backends import resolve_backend
-from mmcl_fast.bench.machine import git_commit, package_version
+from mmcl_fast.bench.machine import environment as machine_environment
 
 from .data import N_SEMANTIC, BiasConfig, LatentModel
 from .evaluate import evaluate, latent_names
@@ -247,7 +246,7 @@ def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: Ev
                 per_seed[index].append(result)
                 if on_seed is not None:
                     on_seed(index, result)
-    environment = _environment(device)
+    environment = machine_environment(device)
     documents = []
     for bias, runs, extra in zip(settings, per_seed, extra_configs):
         config = {
@@ -262,13 +261,6 @@ def run_studies(settings: list[BiasConfig], train_cfg: TrainConfig, eval_cfg: Ev
         }
         documents.append(assemble_results(runs, config, latent_names(bias), roles(bias), environment))
     return documents
-
-
-def _environment(device: torch.device) -> dict:
-    return {"mmcl_fast": package_version("mmcl_fast"), "torch": torch.__version__, "commit": git_commit(short=True),
-            "machine": platform.machine(), "processor": platform.processor() or None,
-            "cpu_count": torch.multiprocessing.cpu_count(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def assemble_results(per_seed: list[dict], config: dict, latents: list[str], roles_: dict[str, str],
