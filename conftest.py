@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (`pytestmark = pytest.mark.usefixtures("one_thread")`): for small ops
+    one thread is faster than two fighting over a shared 2-core CPU, and immune to OpenMP waiting for a busy core."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh but reproducible random inputs per test: the seed derives from the test's id."""

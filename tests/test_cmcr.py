@@ -15,13 +15,7 @@ from mmcl_fast.cmcr.evaluate import modality_gap, ranks, retrieval_metrics
 METHODS = ("primitive", "sdpa")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: one thread is faster than two fighting over a shared CPU (as in --quick)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(n, d, dtype=torch.float32):

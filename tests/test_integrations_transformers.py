@@ -41,13 +41,7 @@ SIGLIP_SCALE, SIGLIP_BIAS = math.log(10.0), -2.5
 N_PAIRS = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to OpenMP waiting for a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(kind: str, dtype=torch.float64, attention_dropout: float = 0.0):
