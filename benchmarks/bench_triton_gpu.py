@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton backend: symmetric CLIP loss, forward + backward, bf16, against the anchors.
 
-    python benchmarks/bench_triton_gpu.py                          # the issue's sweep (N x D below), ~15 min
+    python benchmarks/bench_triton_gpu.py                          # the full sweep (N x D below), ~15 min
     python benchmarks/bench_triton_gpu.py --sizes 32768 --dims 768 # one problem
     python benchmarks/bench_triton_gpu.py --max-n                  # + largest N that fits, D=512 bf16
     pytest benchmarks/bench_triton_gpu.py --benchmark-only         # pytest-benchmark regression case

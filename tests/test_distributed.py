@@ -3,7 +3,7 @@
 For each world size one gloo group of W processes is spawned on this machine (FileStore rendezvous in a tmp dir)
 and runs every scenario once; the tests then check its results. The parent writes the global inputs to disk,
 every rank takes its (unequal) slice, runs the loss and ``(loss / W).backward()`` as DDP would,
-and writes back its loss and gradients. The parent then checks the DDP semantics of the issue against a float64
+and writes back its loss and gradients. The parent then checks the DDP semantics (docs/distributed.md) against a float64
 reference written here with torch.nn.functional.cross_entropy on the concatenated batch:
 sum_r loss_r / W == L, each rank's feature gradients == dL/d(its rows), and the logit_scale / logit_bias
 gradients summed over ranks == dL/ds, dL/db.
@@ -118,7 +118,7 @@ def _local_slice(case: dict, rank: int):
 
 
 def _check_against_reference(case: dict, per_rank: list[dict], local_loss: bool, label: str = "") -> None:
-    """The DDP property of the issue, rank by rank, against the float64 reference (`label` prefixes failures)."""
+    """The DDP property, rank by rank, against the float64 reference (`label` prefixes failures)."""
     try:
         _check_properties(case, per_rank, local_loss)
     except AssertionError as err:

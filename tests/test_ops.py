@@ -224,7 +224,7 @@ def test_no_quadratic_memory(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_memory_acceptance_n32768_d512(backend):
-    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
+    """Acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
     backend: plus its tiles, three of tile_elements fp32 values at most)."""
     from mmcl_fast.backends import blocked
     tiles = 3 * blocked.tile_elements(torch.device("cpu")) * 4 // 1024 if backend == "torch" else 0  # S, L, G

@@ -357,7 +357,7 @@ def test_no_quadratic_memory(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_memory_acceptance_n32768_d512(backend):
-    """Issue acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
+    """Acceptance: fwd+bwd at N=32768, D=512 fp32 raises peak RSS by at most 4x the two inputs (the torch
     backend: plus its tiles)."""
     growth, inputs = _peak_growth_kib(32768, 512, backend)
     print(f"{backend}: peak RSS growth {growth / 1024:.0f} MiB = {growth / inputs:.2f}x the inputs")

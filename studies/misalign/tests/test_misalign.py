@@ -89,7 +89,7 @@ def test_paper_mixer_threshold_is_the_tenth_of_a_percent_quantile(dim):
 
 
 def test_paper_mixers_are_worse_conditioned_than_the_spectral_ones():
-    # The issue that made "paper" the default: the earlier mixers were about twice as well conditioned per layer.
+    # Why "paper" is the default: the earlier mixers were about twice as well conditioned per layer.
     assert 2 * LAYER_CONDITION < paper_condition_threshold(15) < 9.5
     paper = max(torch.linalg.cond(w).item() for w in _mixer(15, 0).weights.double())
     assert paper > LAYER_CONDITION
@@ -644,7 +644,7 @@ def test_sweep_points_run_in_parallel_workers_give_the_sequential_numbers(tmp_pa
 # --------------------------------------------------------------------------------------------- the paper's pattern
 # Acceptance: quick mode, three seeds, both objectives, on settings the preset was not tuned on
 # (tuned on θ = {0..5}, ρ = {4, 5}); every seed must show the pattern, not only the mean. "acceptance" is the
-# setting the issue's runs were checked on; "heldout" was chosen before any run of it, after the preset's step
+# setting the acceptance runs were checked on; "heldout" was chosen before any run of it, after the preset's step
 # count had been set from runs on "acceptance" (PRESETS in studies/misalign/study.py). The 48k-step preset was then
 # set from a failing run on "heldout" (and a sweep point), so "heldout" is a tuning setting too; "fresh" was drawn at
 # random (random.Random(20261201): a θ of 6-8 indices, ρ two of them) before any run of it, after the 48k preset was
