@@ -44,6 +44,29 @@ def rowdot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return batched_dot(a, b, acc)
 
 
+class SquaredNorms(torch.autograd.Function):
+    """||x_i||^2 per row in `acc`, with one input (autograd.Function of torch.compile rejects the same tensor passed
+    twice, as rowdot(x, x) would) and a backward that allocates one (N, D) gradient (2 g_i x_i), not one per factor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, acc: torch.dtype) -> Tensor:
+        ctx.save_for_backward(x)
+        return batched_dot(x, x, acc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return x * (2 * grad).to(x.dtype)[:, None], None
+
+
+def squared_norms(x: Tensor, acc: torch.dtype | None = None) -> Tensor:
+    """Row squared norms of an (N, D) tensor in `acc` (default: x's dtype), differentiable, O(N*D) in the backward."""
+    acc = x.dtype if acc is None else acc
+    if torch.is_grad_enabled() and x.requires_grad:
+        return SquaredNorms.apply(x, acc)
+    return batched_dot(x, x, acc)
+
+
 def blocked_rowdot(a: Tensor, b: Tensor, b_rows: Tensor | None, acc: torch.dtype) -> Tensor:
     """rowdot(a, b[b_rows]) over blocks of rows: fp32 copies and the gather never exceed one block."""
     out = torch.empty(a.shape[0], dtype=acc, device=a.device)

@@ -11,6 +11,7 @@ from interpreter import kernel_backends as _kernel_backends
 from interpreter import run_interpreted
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
+import mmcl_fast
 from mmcl_fast import BrownianBridgeLoss, brownian_bridge_loss
 
 SIZES = [(1, 3), (2, 1), (7, 5), (33, 17), (70, 64)]
@@ -322,3 +323,32 @@ def test_contrastive_no_quadratic_memory():
     print(f"contrastive bridge N=65536 D=256: peak RSS growth {probe['growth_bytes'] / 2**20:.0f} MiB "
           f"= {ratio:.2f} x inputs ({probe['input_bytes'] / 2**20:.0f} MiB)")
     assert ratio < 3.0, f"peak RSS growth {ratio:.2f} x the inputs"
+
+
+@pytest.mark.parametrize("case", ["infonce_sqeuclidean", "bridge_contrastive_tensor_t", "bridge_pairwise_tensor_t",
+                                  "uniformity"])
+def test_torch_compile_fullgraph_of_the_latent_losses(case):
+    """Compile without a graph break, with the eager loss and gradients: the squared norms take one input (an
+    autograd.Function given one tensor twice is rejected), and a tensor t is range-checked inside the graph."""
+    n, d = 24, 8
+    x, y, aug = (torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_() for _ in range(3))
+    t = torch.rand(n) * 0.8 + 0.1
+
+    def step(x, y, aug):
+        if case == "infonce_sqeuclidean":
+            return mmcl_fast.infonce(x, y, 3.0, similarity="sqeuclidean")
+        if case == "uniformity":
+            return mmcl_fast.uniformity_loss(x)
+        mode = "contrastive" if case == "bridge_contrastive_tensor_t" else "pairwise"
+        return mmcl_fast.brownian_bridge_loss(x, y, aug, t, mode=mode)
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, y, aug)
+    loss.backward()
+    grads = [t_.grad.clone() if t_.grad is not None else None for t_ in (x, y, aug)]
+    x.grad = y.grad = aug.grad = None
+    eager = step(x, y, aug)
+    eager.backward()
+    assert_rel_close(loss, eager, 1e-6, "compiled loss")
+    for compiled_grad, leaf, name in zip(grads, (x, y, aug), ("x", "y", "aug")):
+        if leaf.grad is not None:
+            assert_rel_close(compiled_grad, leaf.grad, 1e-6, f"compiled d{name}")

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._numerics import accumulation_dtype
-from ..backends import resolve_backend
 from .._validate import check_features, check_labels, check_scalar
+from ..backends import resolve_backend
 from ._transport import all_gather_into
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

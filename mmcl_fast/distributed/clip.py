@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._numerics import accumulation_dtype
 from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
 from .._problem import Extras, Problem, accumulator
 from .._stats import blocked_rowdot
 from .._validate import unit_stride

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._numerics import accumulation_dtype
 from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
 from .._problem import Problem, accumulator
 from .._validate import unit_stride
 from ..backends import get_backend

@@ -33,14 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._numerics import accumulation_dtype
 from .. import _ops
 from .._autocast import autocast_off
-from .._stats import rowdot
-from .._validate import as_vector
+from .._numerics import accumulation_dtype
+from .._stats import rowdot, squared_norms
+from .._validate import as_vector, check_same_shape, check_scalar
 from ..backends import resolve_backend
-from .._validate import check_same_shape, check_scalar
-from .uniformity import squared_norms
 
 BRIDGE_MODES = ("pairwise", "contrastive")
 
@@ -48,6 +46,11 @@ BRIDGE_MODES = ("pairwise", "contrastive")
 def _check_bridge_t(t, n: int, like: Tensor, mode: str):
     """t as a float, a 0-d tensor or an (N,) tensor; in [0, 1] (pairwise) or (0, 1) (contrastive: sigma^2 > 0)."""
     t = check_scalar(t, "t", like, allow_vector_of=n)
+    if isinstance(t, Tensor) and torch.compiler.is_compiling():
+        # reading the values would break the graph: an asynchronous assert checks the same range inside it
+        inside = (t > 0) & (t < 1) if mode == "contrastive" else (t >= 0) & (t <= 1)
+        torch._assert_async(inside.all(), f"t must lie in {'(0, 1)' if mode == 'contrastive' else '[0, 1]'}")
+        return t
     if isinstance(t, Tensor):
         with torch.no_grad():
             lo, hi = float(t.min()), float(t.max())

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .._numerics import accumulation_dtype
 from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
 from .._validate import check_same_shape
 
 # Rows per block: keep each float64 block temporary around 4 MiB, whatever D is.

@@ -12,17 +12,13 @@ from torch import Tensor
 from .. import _ops
 from .._autocast import autocast_off
 from .._numerics import accumulation_dtype
-from .._stats import rowdot
+from .._stats import squared_norms
 from .._validate import check_features, check_labels, check_scalar
 
 SIMILARITIES = ("dot", "sqeuclidean")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-
-
-def _sq_norms(a: Tensor, acc: torch.dtype) -> Tensor:
-    return rowdot(a, a, acc)
 
 
 class AffineLogits:
@@ -58,7 +54,7 @@ def affine_logits(query: Tensor, keys: Tensor, scale=1.0, row_bias=None, col_bia
     c = _vector(col_bias, m, "col_bias", query, acc)
     if similarity == "dot":
         return AffineLogits(query, keys, a, r, c)
-    q_norm, k_norm = _sq_norms(query, acc), _sq_norms(keys, acc)
+    q_norm, k_norm = squared_norms(query, acc), squared_norms(keys, acc)
     scalar_scale = scale is None or not isinstance(scale, Tensor) or scale.dim() == 0 or scale.numel() == 1
     if scalar_scale:
         return AffineLogits(query, keys, 2 * a, r - a * q_norm, c - a[0] * k_norm)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._numerics import accumulation_dtype
 from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
 from .._stats import rowdot
 from .._validate import check_same_shape
 from .infonce import infonce

@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._numerics import accumulation_dtype
 from .._autocast import autocast_off
+from .._numerics import accumulation_dtype
 from .._ops import sigmoid_stats
-from .._validate import as_vector
-from .._validate import check_features, check_rank_world, check_scalar
+from .._validate import as_vector, check_features, check_rank_world, check_scalar
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

@@ -19,30 +19,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._numerics import accumulation_dtype
 from .. import _ops
 from .._autocast import autocast_off
-from .._stats import rowdot
+from .._numerics import accumulation_dtype
+from .._stats import squared_norms
 from .._validate import check_feature, check_scalar
-
-
-class _SquaredNorms(torch.autograd.Function):
-    """||x_i||^2 per row, with a backward that allocates one (N, D) gradient (2 g_i x_i), not one per factor."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return rowdot(x, x, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return x * (2 * grad).to(x.dtype)[:, None]
-
-
-def squared_norms(x: Tensor) -> Tensor:
-    """Row squared norms of a float32 / float64 (N, D) tensor, autograd-friendly and O(N*D) in the backward."""
-    return _SquaredNorms.apply(x)
 
 
 def _check_positive(value, name: str, like: Tensor):
