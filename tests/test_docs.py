@@ -148,3 +148,45 @@ def test_no_code_cites_the_internal_spec():
     cited = [str(p.relative_to(ROOT)) for p in _sources() if p != Path(__file__).resolve()
              and re.search(rf"\b{word}\b", p.read_text(errors="ignore"))]
     assert not cited, f"these files cite {word}, a document outside the repository; link docs/ instead: {cited}"
+
+
+_RUN_EXAMPLES = r'''
+import pathlib, re, sys, tempfile
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# a one-process gloo group, so that the distributed examples run as they are written
+dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+
+
+def prelude():
+    """The names the examples take as given: small random unit features, a scale and a bias, rank and world."""
+    n, d = 64, 32
+    feat = lambda: F.normalize(torch.randn(n, d), dim=1).requires_grad_()  # noqa: E731
+    names = ("image_features", "text_features", "img", "txt", "img_aug", "txt_aug", "img_ind", "txt_ind",
+             "img_ind_aug", "txt_ind_aug", "image_local", "text_local")
+    return {**{name: feat() for name in names}, "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-10.0),
+            "w_br": 0.1, "w_gc": 0.1, "w_sep": 0.1, "rank": 0, "world": 1}
+
+
+ran = 0
+for page in sys.argv[1:]:
+    namespace = prelude()  # one namespace per page: a later example may use an earlier one's imports
+    text = pathlib.Path(page).read_text()
+    for number, match in enumerate(re.finditer(r"(<!-- illustrative: [^>]*-->\n)?```python\n(.*?)```", text, re.S)):
+        if match.group(1):
+            continue
+        exec(compile(match.group(2), f"{page} example {number}", "exec"), namespace)
+        ran += 1
+print(f"ran {ran} examples")
+'''
+
+
+def test_code_examples_run():
+    """Every Python example in the README and the docs runs against the installed API (on small random features, in
+    a one-process gloo group), except those marked `<!-- illustrative: why -->` (they need a model or data)."""
+    pages = [README] + sorted(DOCS.rglob("*.md"))
+    result = _run("-c", _RUN_EXAMPLES, *map(str, pages), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert int(result.stdout.split()[-2]) >= 5, result.stdout
