@@ -10,7 +10,8 @@ accumulation is fp32. Threads: `torch.get_num_threads()`.
 
 ISA builds (csrc/isa.cpp): x86-64 has amx-bf16, avx512-bf16, avx512, avx2 (AVX2 + FMA + F16C) and the portable scalar build;
 aarch64 has neon and scalar. The best one the CPU runs is picked at import; MMCL_FAST_CPU_ISA or `set_isa` names
-another, and naming one the CPU lacks raises instead of executing unknown instructions.
+another, and naming one the CPU lacks fails instead of executing unknown instructions (`set_isa`: RuntimeError;
+the environment variable: the compiled core does not import, and backend="auto" falls back to "torch" with a warning).
 """
 from __future__ import annotations
 
