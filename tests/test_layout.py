@@ -169,3 +169,22 @@ def test_unknown_backend_names_the_registered_ones():
         resolve_backend("cuda", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="unknown concrete backend 'auto'"):
         get_backend("auto")
+
+
+def test_the_lab_uses_only_public_names():
+    """studies/ and examples/ import mmcl_fast's public names only: no module or name with a leading underscore
+    (dunders such as __version__ are public)."""
+    root = PACKAGE.parent
+    private = []
+    for folder in ("studies", "examples"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names if alias.name.split(".")[0] == "mmcl_fast"]
+                elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("mmcl_fast"):
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
+                for name in names:
+                    if any(part.startswith("_") and not part.startswith("__") for part in name.split(".")):
+                        private.append(f"{path.relative_to(root)}:{node.lineno} {name}")
+    assert not private, "the lab imports private names of mmcl_fast (make them public first):\n" + "\n".join(private)
