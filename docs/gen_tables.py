@@ -7,8 +7,9 @@ A generated block is the text between ``<!-- generated:NAME -->`` and ``<!-- /ge
 in a page under docs/; NAME is a key of BLOCKS. The script replaces what lies between the markers and leaves the
 prose around them alone, so a page is hand-written except for its tables. Every table names the machine (CPU and
 the ISA build of the compiled core), the date and what was compared; the numbers come from the JSON files named
-beside the table, never from this script. Only the standard library is used and the output depends on nothing
-but the committed files (sorted, fixed formats), so `--check` is exact.
+beside the table, never from this script. Besides the standard library it uses `mmcl_fast.bench.report.summary_table` (the table of a
+run's summary.md, so both read the same), and the output depends on nothing but the committed files (sorted, fixed
+formats), so `--check` is exact.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import re
 import sys
 from functools import cache
 from pathlib import Path
+
+from mmcl_fast.bench.report import summary_table
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = "benchmarks/results"
@@ -250,35 +253,6 @@ def bench_groups() -> dict[tuple, list[tuple]]:
     return out
 
 
-def bench_table(doc: dict, loss: str, dim: int, dtype: str) -> list[str]:
-    """One (loss, D, dtype) table of a results.json, in the layout of the run's summary.md."""
-    recs = [r for r in doc["records"] if (r["loss"], r["d"], r["dtype"]) == (loss, dim, dtype)]
-    anchor = doc.get("anchors", {}).get(loss, "open_clip")
-    impls = list(dict.fromkeys(r["impl"] for r in recs))
-    impls.sort(key=lambda impl: impl != "mmcl_fast")
-    cell = {(r["impl"], r["n"]): r for r in recs}
-    rows = []
-    for n in sorted({r["n"] for r in recs}):
-        row = [f"{n:,}"]
-        for impl in impls:
-            rec = cell.get((impl, n))
-            if rec is None:
-                row.append("")
-            elif rec["status"] == "ok":
-                row.append(f"{seconds(rec['seconds'])} / {mib(rec['peak_mib'])}")
-            elif rec.get("over_budget"):
-                row.append("over memory budget")
-            elif "time budget" in (rec.get("note") or ""):
-                row.append("over time budget")
-            else:
-                row.append(rec["status"])
-        ours = cell.get(("mmcl_fast", n))
-        row += [ratio(ours and ours["speedup"]), ratio(ours and ours["memory_ratio"])]
-        rows.append(row)
-    header = ["N"] + impls + [f"speedup vs {anchor}", f"memory saving vs {anchor}"]
-    return table(header, rows, "r" * len(header))
-
-
 def block_bench_quick() -> str:
     lines = []
     for kind, groups in bench_groups().items():
@@ -289,7 +263,8 @@ def block_bench_quick() -> str:
             lines += [f"**{loss}, D = {dim}, {dtype}**: median time / peak MiB of one forward + backward per N; "
                       f"{machine_line(machine)}, {day(machine['date'])}; torch matmul {gflops(rate)} GFLOP/s; memory "
                       f"budget {machine.get('mem_budget_mib', 0) / 1024:.1f} GiB ({code(path)})", ""]
-            lines += bench_table(doc, loss, dim, dtype)
+            recs = [r for r in doc["records"] if (r["loss"], r["d"], r["dtype"]) == (loss, dim, dtype)]
+            lines += summary_table(recs, doc.get("anchors", {}).get(loss, "open_clip"))
             unavailable = machine.get("unavailable_impls", {}).get(loss, {})
             if unavailable:
                 notes = "; ".join(f"`{impl}`: {reason.split(' (')[0]}" for impl, reason in sorted(unavailable.items()))

@@ -1,8 +1,11 @@
 """The terminal report of a benchmark run: one rich table per (loss, D, dtype), a row per (N, impl)."""
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported where a table is printed: summary_table needs none of it
+    from rich.console import Console
+    from rich.table import Table
 
 STATUS_STYLE = {"ok": "green", "skipped": "yellow", "oom": "red", "error": "bold red"}
 
@@ -18,7 +21,9 @@ def _seconds(value) -> str:
 
 
 def _ratio(value) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+    if value is None:
+        return "-"
+    return f"{value:.0f}×" if value >= 10 else f"{value:.2f}×"
 
 
 def _short(note: str | None, width: int = 60) -> str:
@@ -47,6 +52,7 @@ def _ranks(results: dict) -> str:
 
 
 def tables(results: dict) -> list[Table]:
+    from rich.table import Table
     machine, records = results["machine"], results["records"]
     ceiling = machine.get("matmul_gflops", {})
     groups: dict[tuple, list[dict]] = {}
@@ -82,9 +88,35 @@ def tables(results: dict) -> list[Table]:
     return out
 
 
+def _cell(rec: dict | None) -> str:
+    """One implementation at one N: median time / peak MiB, or why there is none."""
+    if rec is None:
+        return ""
+    if rec["status"] == "ok":
+        return f"{_seconds(rec['seconds'])} / {rec['peak_mib']:,.0f}"
+    if rec.get("over_budget"):
+        return "over memory budget"
+    return "over time budget" if "time budget" in (rec.get("note") or "") else rec["status"]
+
+
+def summary_table(records: list[dict], anchor: str) -> list[str]:
+    """The markdown table of one (loss, D, dtype) group of records: per N, every implementation's median time / peak
+    MiB of one forward + backward, and mmcl_fast's speedup and memory saving against the anchor. A run's summary.md
+    and the generated benchmark pages of docs/ both show it."""
+    impls = sorted(dict.fromkeys(r["impl"] for r in records), key=lambda impl: impl != "mmcl_fast")
+    cell = {(r["impl"], r["n"]): r for r in records}
+    header = ["N"] + impls + [f"mmcl_fast speedup vs {anchor}", f"memory saving vs {anchor}"]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---:" for _ in header) + " |"]
+    for n in sorted({r["n"] for r in records}):
+        ours = cell.get(("mmcl_fast", n))
+        row = [f"{n:,}"] + [_cell(cell.get((impl, n))) for impl in impls]
+        row += [_ratio(ours and ours["speedup"]), _ratio(ours and ours["memory_ratio"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def markdown_summary(results: dict) -> str:
-    """A README-ready markdown table per (loss, D, dtype): time and peak memory of every impl at each N, and
-    mmcl_fast's speedup and memory saving against the anchor."""
+    """A README-ready markdown table per (loss, D, dtype) (`summary_table`), under a line naming the machine."""
     machine = results["machine"]
     groups: dict[tuple, list[dict]] = {}
     for rec in results["records"]:
@@ -92,37 +124,16 @@ def markdown_summary(results: dict) -> str:
     lines = [f"Machine: {machine_line(machine)}; {machine.get('date')}; memory budget "
              f"{machine.get('mem_budget_mib', 0) / 1024:.1f} GiB.", ""]
     for (loss, d, dtype), recs in groups.items():
-        anchor = results.get("anchors", {}).get(loss, "open_clip")
-        impls = list(dict.fromkeys(r["impl"] for r in recs))
-        cell = {(r["impl"], r["n"]): r for r in recs}
         rate = machine.get("matmul_gflops", {}).get(dtype)
         lines.append(f"**{loss}, D={d}, {dtype}, {machine.get('device')}{_ranks(results)}** (forward+backward, "
                      f"median seconds / peak MiB{f'; torch matmul {rate:,.0f} GFLOP/s' if rate else ''})")
-        lines.append("")
-        header = ["N"] + impls + [f"mmcl_fast speedup vs {anchor}", "memory saving"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---:|" * len(header))
-        for n in sorted({r["n"] for r in recs}):
-            row = [f"{n:,}"]
-            for impl in impls:
-                rec = cell.get((impl, n))
-                if rec is None:
-                    row.append("")
-                elif rec["status"] == "ok":
-                    row.append(f"{_seconds(rec['seconds'])} / {rec['peak_mib']:,.0f}")
-                else:
-                    row.append("over budget" if rec.get("over_budget")
-                               else "over time budget" if "time budget" in (rec.get("note") or "") else rec["status"])
-            ours = cell.get(("mmcl_fast", n))
-            row.append(_ratio(ours and ours["speedup"]))
-            row.append(_ratio(ours and ours["memory_ratio"]))
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
+        lines += ["", *summary_table(recs, results.get("anchors", {}).get(loss, "open_clip")), ""]
     return "\n".join(lines)
 
 
 def report_console() -> Console:
     """stdout; at least 150 columns when it is not a terminal (a file or a pipe), so rows do not wrap."""
+    from rich.console import Console
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 150))
