@@ -342,15 +342,24 @@ class _progress:
         return self.bar.__exit__(*exc)
 
 
+def _read_results(directories: list[str]) -> list[dict]:
+    """The results.json of each directory (ValueError when one has none)."""
+    documents = []
+    for directory in directories:
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"no results.json in {directory}")
+        documents.append(json.loads(path.read_text()))
+    return documents
+
+
 def _combine(args) -> int:
     from .plot import heatmap, setting_label
 
-    runs = []
-    for directory in args.combine:
-        path = Path(directory) / "results.json"
-        if not path.is_file():
-            return fail(args, PROG, f"--combine: no results.json in {directory}")
-        runs.append(json.loads(path.read_text()))
+    try:
+        runs = _read_results(args.combine)
+    except ValueError as exc:
+        return fail(args, PROG, f"--combine: {exc}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = [(setting_label(run["config"]), run["r2"]["nonlinear"]) for run in runs]
@@ -365,14 +374,8 @@ def _merge(args) -> int:
 
     from .study import merge_results
 
-    documents = []
-    for directory in args.merge:
-        path = Path(directory) / "results.json"
-        if not path.is_file():
-            return fail(args, PROG, f"--merge: no results.json in {directory}")
-        documents.append(json.loads(path.read_text()))
     try:
-        results = merge_results(documents, sources=[str(directory) for directory in args.merge])
+        results = merge_results(_read_results(args.merge), sources=[str(d) for d in args.merge])
     except ValueError as exc:
         return fail(args, PROG, f"--merge: {exc}")
     out_dir = Path(args.out)
