@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gloo import run_rank, spawn_ranks
+from test_siglip_distributed import _reference as siglip_reference
 from tolerances import GRAD_RTOL, LOSS_RTOL, assert_rel_close
 
 DIM = 12
@@ -85,17 +86,8 @@ def _clip_reference(image, text, scale, bias, image_labels=None, text_labels=Non
 
 
 def _siglip_reference(image, text, scale, bias):
-    image, text = image.double().clone().requires_grad_(), text.double().clone().requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-    logits = s * image @ text.T + b
-    z = 2 * torch.eye(image.shape[0], dtype=torch.float64) - 1
-    loss = -F.logsigmoid(z * logits).sum() / image.shape[0]
-    loss.backward()
-    with torch.no_grad():  # the natural size of the cancelling scalar gradients (as in test_siglip)
-        weights = torch.sigmoid(-z * logits) / image.shape[0]
-        floors = ((weights * (image @ text.T).abs()).sum().item(), weights.sum().item())
-    return {"loss": loss.detach(), "d_image": image.grad, "d_text": text.grad, "d_scale": s.grad, "d_bias": b.grad,
+    loss, d_image, d_text, d_scale, d_bias, floors = siglip_reference(image.double(), text.double(), scale, bias)
+    return {"loss": loss, "d_image": d_image, "d_text": d_text, "d_scale": d_scale, "d_bias": d_bias,
             "floors": floors}
 
 
